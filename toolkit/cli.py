@@ -1,0 +1,195 @@
+"""The `toolkit` command: one subcommand per stage function, errors as one line, never a traceback.
+
+Each `cmd_*` is a thin face: parse arguments, call the stage's function, print its result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from .errors import ToolkitError
+
+EXIT_ERROR = 2
+
+
+def _settings(args: argparse.Namespace):
+    from .settings import load_settings
+
+    return load_settings(args.settings)
+
+
+def _spec(args: argparse.Namespace):
+    return _settings(args).get(args.name)
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    """List the registry's backbones and whether their pretrained weights are on this machine."""
+    from .backbones import BACKBONES
+
+    rows = [{"name": b.name, "weights_available": b.weights_available(),
+             "weights": str(b.weights_path() or ""), "source": b.source} for b in BACKBONES.values()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'backbone':<20} {'weights here':<13} source")
+    for row in rows:
+        print(f"{row['name']:<20} {'yes' if row['weights_available'] else 'no':<13} {row['source']}")
+        if not row["weights_available"]:
+            print(f"{'':<20} {'':<13} (missing: {row['weights']})")
+    return 0
+
+
+def cmd_scrape(args: argparse.Namespace) -> int:
+    """Fill scrape/NAME/<class>/ from a source (here: fashion-mnist[:DIR])."""
+    from . import fashion_mnist
+
+    spec = _spec(args)
+    source = args.source or "fashion-mnist"
+    if not source.startswith("fashion-mnist"):
+        raise ToolkitError(f"--source {source}: unknown source; use fashion-mnist or fashion-mnist:DIR")
+    folder = Path(source.split(":", 1)[1]) if ":" in source else fashion_mnist.FASHION_MNIST_DIR
+    per_class = args.per_class or spec.per_class
+    counts = fashion_mnist.ingest(spec.scrape_dir, split="train", per_class=per_class, seed=spec.seed,
+                                  folder=folder, progress=not args.quiet)
+    print(f"scraped {sum(counts.values())} images into {spec.scrape_dir}: {counts}")
+    if args.test_split:
+        test_dir = spec.root / "scrape" / f"{spec.name}-test"
+        counts = fashion_mnist.ingest(test_dir, split="test", per_class=args.test_per_class, seed=spec.seed,
+                                      folder=folder, progress=not args.quiet)
+        print(f"test images: {sum(counts.values())} in {test_dir}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune the classifier and write models/NAME/."""
+    from .train import train
+
+    spec = _spec(args).with_overrides(arch=args.arch, size=args.size, epochs=args.epochs, lr=args.lr,
+                                      bs=args.bs, freeze_epochs=args.freeze_epochs)
+    metrics = train(spec, args.data, progress=not args.quiet, log=lambda line: print(line, flush=True))
+    out = spec.models_dir
+    print(f"plots: {out / 'lr_find.png'}, {out / 'losses.png'}, {out / 'confusion_matrix.png'}, "
+          f"{out / 'top_losses.png'}")
+    if args.json:
+        print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "per_class", "groups")}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score the trained model on DIR/<class>/ images; confusion matrix as PNG and JSON."""
+    from .evaluate import evaluate_folder, format_report, plot_confusion
+    from .model_io import Predictor
+
+    spec = _spec(args)
+    predictor = Predictor(spec.models_dir)
+    data = args.data or spec.data_dir
+    if data is None:
+        raise ToolkitError("evaluate needs --data DIR (a folder of <class>/ image folders)")
+    metrics = evaluate_folder(predictor, Path(data), tta=args.tta, group=spec.group, progress=not args.quiet)
+    out = spec.models_dir / "evaluation"
+    out.mkdir(exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion(metrics, out / "confusion_matrix.png", title=f"{spec.name} on {Path(data).name}")
+    for bad in metrics["bad_files"]:
+        print(f"skipped: {bad['reason']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_report(metrics))
+        print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Label and probabilities per file; a bad file is one line on stderr, the rest still run."""
+    from .model_io import Predictor
+
+    predictor = Predictor(_spec(args).models_dir)
+    results, failed = [], 0
+    for file in args.files:
+        try:
+            prediction = predictor.predict(Path(file), name=file)
+        except ToolkitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        results.append({"file": file, "label": prediction.label,
+                        "probs": {k: round(v, 5) for k, v in prediction.probs.items()}})
+        if not args.json:
+            print(f"{file}\t{prediction.label}\t{prediction.probability:.3f}", flush=True)
+    if args.json:
+        print(json.dumps(results))
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--settings", type=Path, default=Path("settings.ini"),
+                        help="the project's settings file (default ./settings.ini)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=handler.__doc__, description=handler.__doc__, **kwargs)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("backbones", cmd_backbones)
+    p.add_argument("--json", action="store_true")
+
+    p = add("scrape", cmd_scrape)
+    p.add_argument("name")
+    p.add_argument("--source", help="fashion-mnist or fashion-mnist:DIR")
+    p.add_argument("--per-class", type=int)
+    p.add_argument("--test-split", action="store_true",
+                   help="also write the source's test images to scrape/NAME-test/")
+    p.add_argument("--test-per-class", type=int, default=None)
+
+    p = add("train", cmd_train)
+    p.add_argument("name")
+    p.add_argument("--data", type=Path, help="class folders, or train/ + valid/ class folders")
+    p.add_argument("--arch")
+    p.add_argument("--size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--freeze-epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--bs", type=int)
+    p.add_argument("--json", action="store_true")
+
+    p = add("evaluate", cmd_evaluate)
+    p.add_argument("name")
+    p.add_argument("--data", type=Path)
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--json", action="store_true")
+
+    p = add("predict", cmd_predict)
+    p.add_argument("name")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    warnings.filterwarnings("ignore")
+    try:
+        return args.handler(args)
+    except ToolkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""A pickle-free model format and the lean predictor that serving and `toolkit predict` use.
+
+models/NAME/model.safetensors  the weights (safetensors: tensors only, no code)
+models/NAME/model.json         classes, backbone, size, normalisation, task, versions, provenance
+
+Loading never unpickles (`load_learner` runs arbitrary code and breaks across versions).
+Preprocessing matches validation exactly: open_image -> squish to size (bilinear) -> normalise.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .backbones import create_model
+from .errors import ToolkitError
+from .images import ImageSource, open_image
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+def versions() -> dict[str, str]:
+    import fastai
+    import timm
+    import torchvision
+
+    return {"toolkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "fastai": fastai.__version__, "timm": timm.__version__}
+
+
+def export_model(model: torch.nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
+    """Write weights (safetensors) and model.json; `meta` needs arch, classes, size, mean, std."""
+    from safetensors.torch import save_file
+
+    for key in ("arch", "classes", "size", "mean", "std"):
+        if key not in meta:
+            raise ValueError(f"model metadata lacks {key!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    full = {"format_version": FORMAT_VERSION, "task": "single", "resize": "squish",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(), **meta}
+    (folder / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
+    return folder / META_FILE
+
+
+@dataclass
+class Prediction:
+    label: str
+    probs: dict[str, float]
+
+    @property
+    def probability(self) -> float:
+        return self.probs[self.label]
+
+
+class Predictor:
+    """Loads models/NAME once; predicts from paths, bytes or PIL images. No fastai at run time."""
+
+    def __init__(self, folder: str | Path, device: str | None = None):
+        folder = Path(folder)
+        meta_path = folder / META_FILE
+        if not meta_path.is_file():
+            raise ToolkitError(f"no trained model in {folder} ({META_FILE} missing): run `toolkit train NAME` first")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ToolkitError(f"{meta_path}: not valid JSON ({exc})") from None
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ToolkitError(f"{meta_path}: format_version {self.meta.get('format_version')} is not "
+                               f"{FORMAT_VERSION}; retrain with this toolkit")
+        from safetensors.torch import load_file
+
+        self.folder = folder
+        self.classes: list[str] = list(self.meta["classes"])
+        self.size = int(self.meta["size"])
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = create_model(self.meta["arch"], len(self.classes), pretrained=False)
+        self.model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        self.model.eval().to(self.device)
+        self.mean = torch.tensor(self.meta["mean"]).view(1, 3, 1, 1).to(self.device)
+        self.std = torch.tensor(self.meta["std"]).view(1, 3, 1, 1).to(self.device)
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """RGB image -> (3, size, size) float tensor in 0..1, as validation saw it."""
+        resized = img.resize((self.size, self.size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 255
+
+    def predict_tensors(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
+        """(N, 3, size, size) in 0..1 -> (N, classes) probabilities."""
+        with torch.inference_mode():
+            x = (batch.to(self.device) - self.mean) / self.std
+            probs = self.model(x).softmax(dim=1)
+            if tta:
+                probs = (probs + self.model(x.flip(3)).softmax(dim=1)) / 2
+        return probs.cpu().numpy()
+
+    def predict_images(self, images: Sequence[Image.Image], bs: int = 64, tta: bool = False) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), bs):
+            batch = torch.stack([self.preprocess(img) for img in images[start : start + bs]])
+            out.append(self.predict_tensors(batch, tta=tta))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def predict(self, src: ImageSource | Image.Image, name: str | None = None) -> Prediction:
+        """One image (path, bytes, file object or PIL image) -> label and probabilities."""
+        img = src if isinstance(src, Image.Image) else open_image(src, name=name, draft_size=self.size)
+        probs = self.predict_images([img.convert("RGB")])[0]
+        return Prediction(self.classes[int(probs.argmax())], dict(zip(self.classes, probs.tolist())))
+
+
+def load_predictor(folder: str | Path) -> Predictor:
+    return Predictor(folder)

@@ -1,0 +1,261 @@
+"""settings.ini -> typed classifier specs, with one-line errors naming the section and key.
+
+`[DEFAULT]` holds values every classifier shares; each other section is one classifier. A
+minimal section is just `[NAME]`: its classes then come from its data folders. Paths are
+relative to the settings file's folder, which is the project root (`scrape/`, `cleaned_data/`,
+`models/`, `apps/` live beside it).
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import SettingsError
+
+TASKS = ("single",)
+SPLIT_HELP = "use 'auto', 'folder', 'random', 'random:0.2' or 'group:REGEX'"
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("use yes or no")
+
+
+def _parse_positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive whole number")
+    return number
+
+
+def _parse_non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _parse_lr(value: str) -> float | None:
+    if value.strip().lower() in ("", "auto"):
+        return None
+    number = float(value)
+    if not 0 < number < 10:
+        raise ValueError("must be 'auto' or a learning rate such as 1e-3")
+    return number
+
+
+def _parse_list(value: str) -> list[str]:
+    return [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
+
+
+def _parse_queries(value: str) -> list[str]:
+    """Query templates, one per line or separated by '|'; each must contain {class}."""
+    templates = [item.strip() for item in re.split(r"[|\n]", value) if item.strip()]
+    for template in templates:
+        if "{class}" not in template:
+            raise ValueError(f"template {template!r} must contain {{class}}")
+    return templates
+
+
+def _parse_task(value: str) -> str:
+    task = value.strip()
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return task
+
+
+def _parse_split(value: str) -> str:
+    rule = value.strip()
+    if rule in ("auto", "folder", "random"):
+        return rule
+    if rule.startswith("random:"):
+        fraction = float(rule.split(":", 1)[1])
+        if not 0 < fraction < 1:
+            raise ValueError("the random fraction must be between 0 and 1")
+        return rule
+    if rule.startswith("group:"):
+        _parse_regex(rule.split(":", 1)[1])
+        return rule
+    raise ValueError(SPLIT_HELP)
+
+
+def _parse_regex(value: str) -> str:
+    pattern = value.strip()
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    if compiled.groups < 1:
+        raise ValueError("the regex needs a (group) that names the group")
+    return pattern
+
+
+def _parse_arch(value: str) -> str:
+    from .backbones import BACKBONES
+
+    name = value.strip()
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    return name
+
+
+def _parse_text(value: str) -> str:
+    return value.strip()
+
+
+# key -> (parser, default as it would be written in settings.ini, help)
+KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
+    "task": (_parse_task, "single", "what the classifier does: " + ", ".join(TASKS)),
+    "title": (_parse_text, "", "the dashboard's title (default: the section name)"),
+    "description": (_parse_text, "", "one paragraph shown on the dashboard"),
+    "classes": (_parse_list, "", "comma-separated class names (default: the data's folders)"),
+    "queries": (_parse_queries, "{class}", "web-search templates with {class}, one per line or '|'"),
+    "per_class": (_parse_positive_int, "150", "images to scrape per class"),
+    "max_size": (_parse_positive_int, "400", "long side in pixels of scraped images"),
+    "data": (_parse_text, "", "a data folder to train on instead of scrape/NAME"),
+    "arch": (_parse_arch, "efficientnet_lite0", "the backbone (see `toolkit backbones`)"),
+    "pretrained": (_parse_bool, "yes", "start from ImageNet weights"),
+    "size": (_parse_positive_int, "128", "image size in pixels (square) for training"),
+    "epochs": (_parse_positive_int, "3", "unfrozen epochs of fine_tune"),
+    "freeze_epochs": (_parse_non_negative_int, "1", "frozen (head only) epochs of fine_tune"),
+    "bs": (_parse_positive_int, "32", "batch size"),
+    "lr": (_parse_lr, "auto", "learning rate, or auto for the lr_find valley"),
+    "lr_find_iters": (_parse_positive_int, "40", "mini-batches lr_find tries"),
+    "split": (_parse_split, "auto", "validation split: " + SPLIT_HELP),
+    "valid_pct": (float, "0.2", "validation fraction for split = random or group"),
+    "group": (_parse_regex, "", "regex on the file name whose first group names the group"),
+    "seed": (int, "42", "random seed for splits, sampling and training"),
+}
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """One classifier of settings.ini, with every value parsed and every path absolute."""
+
+    name: str
+    root: Path
+    task: str = "single"
+    title: str = ""
+    description: str = ""
+    classes: list[str] = field(default_factory=list)
+    queries: list[str] = field(default_factory=lambda: ["{class}"])
+    per_class: int = 150
+    max_size: int = 400
+    data: str = ""
+    arch: str = "efficientnet_lite0"
+    pretrained: bool = True
+    size: int = 128
+    epochs: int = 3
+    freeze_epochs: int = 1
+    bs: int = 32
+    lr: float | None = None
+    lr_find_iters: int = 40
+    split: str = "auto"
+    valid_pct: float = 0.2
+    group: str = ""
+    seed: int = 42
+
+    @property
+    def scrape_dir(self) -> Path:
+        return self.root / "scrape" / self.name
+
+    @property
+    def cleaned_dir(self) -> Path:
+        return self.root / "cleaned_data" / self.name
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models" / self.name
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The `data` key as an absolute path, or None."""
+        return (self.root / self.data).resolve() if self.data else None
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.name
+
+    def with_overrides(self, **overrides: Any) -> "ClassifierSpec":
+        """A copy with command-line overrides applied (None means: keep the setting)."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        if "arch" in given:
+            _check(self.name, "arch", str(given["arch"]))
+        return replace(self, **given)
+
+
+_FIELD_NAMES = {f.name for f in fields(ClassifierSpec)}
+assert set(KEYS) <= _FIELD_NAMES, "every settings key is a ClassifierSpec field"
+
+
+def _check(section: str, key: str, raw: str) -> Any:
+    parser = KEYS[key][0]
+    try:
+        return parser(raw)
+    except ValueError as exc:
+        raise SettingsError(f"settings [{section}] {key} = {raw.strip()!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A parsed settings.ini: its path and its classifiers by name, in file order."""
+
+    path: Path
+    classifiers: dict[str, ClassifierSpec]
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def get(self, name: str) -> ClassifierSpec:
+        if name not in self.classifiers:
+            known = ", ".join(self.classifiers) or "none"
+            raise SettingsError(
+                f"{self.path.name} has no classifier [{name}]; known: {known} "
+                f"(add a [{name}] section to {self.path})"
+            )
+        return self.classifiers[name]
+
+
+def read_config(path: Path) -> configparser.ConfigParser:
+    """The raw ConfigParser (interpolation off, key case kept), or a one-line SettingsError."""
+    if not path.is_file():
+        raise SettingsError(f"settings file {path} not found (pass --settings PATH)")
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # keep keys as written so typos are reported as written
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as exc:
+        first_line = str(exc).splitlines()[0]
+        raise SettingsError(f"{path}: not a valid settings file: {first_line}") from None
+    return parser
+
+
+def load_settings(path: str | Path = "settings.ini") -> Settings:
+    """Read and validate settings.ini; every error names the section and key."""
+    path = Path(path).resolve()
+    parser = read_config(path)
+    for key in parser.defaults():
+        if key not in KEYS:
+            raise SettingsError(f"settings [DEFAULT] has unknown key {key!r}; known: {', '.join(KEYS)}")
+    classifiers = {}
+    for section in parser.sections():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", section):
+            raise SettingsError(
+                f"settings [{section}]: a classifier name may hold only letters, digits, '.', '_' and '-'"
+            )
+        values: dict[str, Any] = {}
+        for key, raw in parser.items(section):
+            if key not in KEYS:
+                raise SettingsError(f"settings [{section}] has unknown key {key!r}; known: {', '.join(KEYS)}")
+            values[key] = _check(section, key, raw)
+        classifiers[section] = ClassifierSpec(name=section, root=path.parent, **values)
+    return Settings(path=path, classifiers=classifiers)

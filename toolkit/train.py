@@ -1,0 +1,237 @@
+"""Fine-tune a pretrained backbone with fastai: lr_find, fine_tune, best epoch, exports, plots.
+
+The book's recipe (`vision_learner` + `lr_find` + `fine_tune`) on the registry's backbones, with
+what a practitioner needs around it: verified data, a decoded-image cache, the best epoch kept,
+a CSV log, the pickle-free export, metrics.json and the plots a person looks at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .backbones import body_head_split, create_model, get_backbone
+from .data import Dataset, count_by_class, load_dataset, make_dataloaders
+from .evaluate import metrics_from_probs, plot_confusion
+from .model_io import export_model
+from .settings import ClassifierSpec
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """sha256 over (relative path, label, split, size) of every file trained on or validated with."""
+    digest = hashlib.sha256()
+    for path, label, valid in zip(dataset.files, dataset.labels, dataset.is_valid):
+        relative = path.relative_to(dataset.root) if path.is_relative_to(dataset.root) else path
+        digest.update(f"{relative}\t{label}\t{int(valid)}\t{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def _loss_history_callback():
+    from fastai.callback.core import Callback
+
+    class LossHistory(Callback):
+        """Train loss per batch and valid loss per epoch across every fit (frozen and unfrozen)."""
+
+        order = 60
+
+        def __init__(self):
+            self.train, self.valid, self.iteration = [], [], 0
+
+        def after_batch(self):
+            if self.training:
+                self.iteration += 1
+                self.train.append((self.iteration, float(self.loss)))
+
+        def after_epoch(self):
+            values = self.recorder.values[-1] if self.recorder.values else []
+            if len(values) > 1:
+                self.valid.append((self.iteration, float(values[1])))
+
+    return LossHistory()
+
+
+def plot_losses(history, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if history.train:
+        steps, losses = zip(*history.train)
+        smooth = np.convolve(losses, np.ones(5) / 5, mode="valid") if len(losses) >= 5 else losses
+        ax.plot(steps[len(steps) - len(smooth):], smooth, label="train (smoothed)")
+    if history.valid:
+        steps, losses = zip(*history.valid)
+        ax.plot(steps, losses, "o-", label="valid")
+    ax.set_xlabel("mini-batch")
+    ax.set_ylabel("loss")
+    ax.set_title("Losses (frozen then unfrozen)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_top_losses(images: list[np.ndarray], given: list[str], probs: np.ndarray, classes: list[str],
+                    path: Path, k: int = 9) -> Path:
+    """The k validation images the model gets most wrong: given, predicted, probability, loss."""
+    plt = _plt()
+    index = {c: i for i, c in enumerate(classes)}
+    true_p = np.array([probs[i, index[y]] for i, y in enumerate(given)])
+    losses = -np.log(np.clip(true_p, 1e-12, 1))
+    order = np.argsort(-losses)[:k]
+    cols = 3
+    rows = max(1, int(np.ceil(len(order) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, i in zip(np.atleast_1d(axes).ravel(), order):
+        predicted = classes[int(probs[i].argmax())]
+        ax.imshow(images[i])
+        ax.set_title(f"{given[i]} -> {predicted}\np={probs[i].max():.2f} loss={losses[i]:.2f}", fontsize=9)
+    fig.suptitle("Top losses (given -> predicted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+FALLBACK_LR = 2e-3
+
+
+def find_lr(learn, num_it: int, plot_path: Path) -> dict[str, float]:
+    """fastai's lr_find with the valley and slide suggestions, plotted; robust to short runs."""
+    from fastai.callback.schedule import slide, valley
+
+    import torch
+
+    plt = _plt()
+    learn.lr_find(num_it=max(num_it, 20), show_plot=False, suggest_funcs=None)
+    lrs, losses = torch.tensor(learn.recorder.lrs), torch.tensor(learn.recorder.losses)
+    n = len(lrs)
+    lrs, losses = lrs[n // 10 : n - 5], losses[n // 10 : n - 5]
+    finite = torch.isfinite(losses)
+    if not finite.all():
+        first_bad = int((~finite).nonzero()[0])
+        lrs, losses = lrs[:first_bad], losses[:first_bad]
+    found: dict[str, float] = {}
+    points = []
+    for func in (valley, slide):
+        try:
+            lr, point = func(lrs, losses, num_it)
+        except (IndexError, ValueError, RuntimeError):  # too few points before divergence
+            continue
+        if np.isfinite(lr):
+            found[func.__name__] = float(lr)
+            points.append(point)
+    learn.recorder.plot_lr_find(suggestions=points, nms=list(found))
+    if "valley" not in found:
+        found["valley"] = found.get("slide", FALLBACK_LR)
+        found["fallback"] = 1.0
+    found.setdefault("slide", found["valley"])
+    plt.gcf().suptitle(f"lr_find: valley {found['valley']:.2e}, slide {found['slide']:.2e}")
+    plt.gcf().savefig(plot_path, dpi=100)
+    plt.close("all")
+    return found
+
+
+def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True,
+          log: Callable[[str], None] = print) -> dict:
+    """Train spec's classifier; write models/NAME/ and return its metrics (also in metrics.json)."""
+    from fastai.callback.progress import CSVLogger
+    from fastai.callback.tracker import SaveModelCallback
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+    from fastai.torch_core import set_seed
+
+    started = time.time()
+    out = spec.models_dir
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(spec, data, progress=progress)
+    log(f"data: {dataset.root} - {dataset.n_train} train, {dataset.n_valid} valid, "
+        f"classes {count_by_class(dataset.labels)}")
+    bad_report = out / "bad_images.json"
+    bad_report.write_text(json.dumps([{"file": str(b.path), "reason": b.reason} for b in dataset.bad], indent=1))
+    if dataset.bad:
+        log(f"warning: left out {len(dataset.bad)} unreadable file(s), listed in {bad_report}; "
+            f"first: {dataset.bad[0].reason}")
+    for warning in dataset.warnings:
+        log(f"warning: {warning}")
+
+    backbone = get_backbone(spec.arch)
+    set_seed(spec.seed)
+    dls = make_dataloaders(dataset, spec.size, spec.bs, backbone.mean, backbone.std, seed=spec.seed,
+                           progress=progress)
+    model = create_model(spec.arch, len(dataset.classes), pretrained=spec.pretrained)
+    history = _loss_history_callback()
+    (out / "history.csv").unlink(missing_ok=True)
+    extra_cbs = [CSVLogger(fname="history.csv", append=True), history,
+                 SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)]
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=body_head_split,
+                    path=out, model_dir=".",
+                    )
+    if not progress:
+        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+    if spec.pretrained:
+        learn.freeze()
+
+    found = find_lr(learn, spec.lr_find_iters, out / "lr_find.png")
+    lr = spec.lr if spec.lr is not None else found["valley"]
+    log(f"lr_find: valley {found['valley']:.2e}, slide {found['slide']:.2e}; using lr {lr:.2e}"
+        + (" (--lr)" if spec.lr is not None else ""))
+
+    fit_started = time.time()
+    if spec.pretrained:
+        learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, cbs=extra_cbs)
+    else:
+        learn.fit_one_cycle(spec.epochs + spec.freeze_epochs, lr, cbs=extra_cbs)
+    fit_seconds = time.time() - fit_started
+    epochs_run = spec.epochs + spec.freeze_epochs
+    (out / "best.pth").unlink(missing_ok=True)  # the best epoch is loaded into learn.model
+
+    probs, targets = learn.get_preds(ds_idx=1)
+    probs = probs.numpy()
+    valid_files, valid_labels = dataset.subset(valid=True)
+    metrics = metrics_from_probs(probs, valid_labels, dataset.classes, valid_files, spec.group)
+    fingerprint = data_fingerprint(dataset)
+    meta = {"name": spec.name, "title": spec.display_title, "description": spec.description,
+            "arch": spec.arch, "pretrained": spec.pretrained, "classes": dataset.classes, "size": spec.size,
+            "mean": list(backbone.mean), "std": list(backbone.std), "group": spec.group,
+            "data": {"dir": str(dataset.root), "fingerprint": fingerprint,
+                     "n_train": dataset.n_train, "n_valid": dataset.n_valid}}
+    export_model(learn.model, out, meta)
+    learn.export(out / "export.pkl")
+
+    plot_confusion(metrics, out / "confusion_matrix.png", title=f"{spec.name} validation")
+    plot_losses(history, out / "losses.png")
+    from .data import load_resized
+
+    plot_top_losses([load_resized(f, spec.size) for f in valid_files], valid_labels, probs,
+                    dataset.classes, out / "top_losses.png")
+    metrics.update({
+        "name": spec.name, "arch": spec.arch, "size": spec.size, "epochs": spec.epochs,
+        "freeze_epochs": spec.freeze_epochs, "bs": spec.bs, "lr": lr,
+        "lr_find": found,
+        "n_train": dataset.n_train, "n_valid": dataset.n_valid, "bad_files": len(dataset.bad),
+        "warnings": dataset.warnings, "data": str(dataset.root), "data_fingerprint": fingerprint,
+        "fit_seconds": round(fit_seconds, 1), "wall_seconds": round(time.time() - started, 1),
+        "train_images_per_second": round(dataset.n_train * epochs_run / fit_seconds, 2),
+        "history": [list(map(float, v)) for v in learn.recorder.values],
+    })
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(f"valid accuracy {metrics['accuracy']:.2%} on {metrics['n']} images; "
+        f"{metrics['train_images_per_second']} train images/s; wrote {out}")
+    return metrics
