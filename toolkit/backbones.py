@@ -157,6 +157,20 @@ def create_model(arch: str, n_out: int, pretrained: bool = True) -> nn.Sequentia
     return add_head(backbone.create_body(pretrained), backbone.n_features, n_out)
 
 
+def _body_halves(body: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Early and late layers of a body, as fastai splits resnets (stem..layer2 | layer3..)."""
+    children = list(body.children())
+    if len(children) == 5 and isinstance(children[2], nn.Sequential):  # efficientnet: stem, bn, blocks, head conv, bn
+        blocks = list(children[2].children())
+        middle = len(blocks) // 2 + 1
+        return children[:2] + blocks[:middle], blocks[middle:] + children[3:]
+    cut = 6 if len(children) == 8 else len(children) // 2  # resnet: conv1 bn1 relu maxpool layer1-4
+    return children[:cut], children[cut:]
+
+
 def body_head_split(model: nn.Sequential) -> list[list[nn.Parameter]]:
-    """fastai splitter: the body and the head get their own learning rates when unfrozen."""
-    return [list(model[0].parameters()), list(model[1].parameters())]
+    """fastai splitter, three groups: early body, late body, head. `slice(lo, hi)` then gives the
+    early layers lo, the late layers sqrt(lo*hi) and the head hi when unfrozen."""
+    early, late = _body_halves(model[0])
+    params = [[p for m in group for p in m.parameters()] for group in (early, late)]
+    return [*params, list(model[1].parameters())]

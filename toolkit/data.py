@@ -21,6 +21,7 @@ from PIL import Image
 
 from .errors import ToolkitError
 from .images import BadImage, is_image_name, open_image, sha256_file, verify_images
+from .progress import progress_iter
 from .settings import ClassifierSpec
 
 VALID_FOLDER_NAMES = ("valid", "validation", "val")
@@ -196,11 +197,7 @@ class DecodedCache:
         self.size = size
         with ThreadPoolExecutor(max_workers=threads) as pool:
             arrays = pool.map(lambda p: load_resized(p, size), files)
-            if progress:
-                from fastprogress.fastprogress import progress_bar
-
-                arrays = progress_bar(arrays, total=len(files), comment=f"decoding at {size}px")
-            self.arrays = dict(zip(files, arrays))
+            self.arrays = dict(zip(files, progress_iter(arrays, len(files), f"decoding at {size}px", progress)))
 
     def __getitem__(self, path: Path) -> np.ndarray:
         return self.arrays[path]
@@ -248,7 +245,7 @@ def make_dataloaders(dataset: Dataset, size: int, bs: int, mean, std, *, seed: i
 
     decoded = DecodedCache(dataset.files, size, progress=progress) if cache else None
     valid_idx = [i for i, v in enumerate(dataset.is_valid) if v]
-    batch_tfms = (aug_transforms(max_rotate=10.0, max_warp=0.0, min_scale=0.85) if augment else [])
+    batch_tfms = (aug_transforms(size=size, max_rotate=10.0, max_warp=0.0, min_scale=0.85) if augment else [])
     batch_tfms = [*batch_tfms, Normalize.from_stats(torch.tensor(mean), torch.tensor(std))]
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=dataset.classes)),

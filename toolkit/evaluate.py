@@ -16,6 +16,7 @@ from .data import list_labelled_images
 from .errors import ToolkitError
 from .images import verify_images
 from .model_io import Predictor
+from .progress import progress_iter
 
 
 def confusion(true_idx: np.ndarray, pred_idx: np.ndarray, n: int) -> np.ndarray:
@@ -103,13 +104,8 @@ def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, gr
     files = good
     import torch
 
-    batches = range(0, len(files), bs)
-    if progress:
-        from fastprogress.fastprogress import progress_bar
-
-        batches = progress_bar(batches, comment="evaluating")
     out = []
-    for start in batches:
+    for start in progress_iter(range(0, len(files), bs), label="evaluating", enabled=progress):
         arrays = [load_resized(f, predictor.size) for f in files[start : start + bs]]
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
         out.append(predictor.predict_tensors(batch, tta=tta))

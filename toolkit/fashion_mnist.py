@@ -19,6 +19,7 @@ from PIL import Image
 
 from .errors import ToolkitError
 from .images import sha256_file
+from .progress import progress_iter
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
@@ -72,11 +73,7 @@ def ingest(dest: Path, *, split: str = "train", per_class: int | None = None, se
     done = set()
     if manifest_path.exists():
         done = {json.loads(line)["file"] for line in manifest_path.read_text().splitlines() if line.strip()}
-    iterator = chosen
-    if progress:
-        from fastprogress.fastprogress import progress_bar
-
-        iterator = progress_bar(chosen, comment=f"Fashion-MNIST {split} -> {dest}")
+    iterator = progress_iter(chosen, len(chosen), f"Fashion-MNIST {split} -> {dest}", progress)
     counts: dict[str, int] = {}
     with open(manifest_path, "a") as manifest:
         for index in iterator:

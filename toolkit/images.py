@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .progress import progress_iter
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; a bomb declaring more is refused
@@ -150,11 +151,7 @@ def verify_images(
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = pool.map(check, paths)
-        if progress:
-            from fastprogress.fastprogress import progress_bar
-
-            results = progress_bar(results, total=len(paths), comment="verifying images")
-        reasons = list(results)
+        reasons = list(progress_iter(results, len(paths), "verifying images", progress))
     good = [p for p, r in zip(paths, reasons) if r is None]
     bad = [BadImage(p, r) for p, r in zip(paths, reasons) if r is not None]
     return good, bad
