@@ -407,8 +407,8 @@ def prepare(candidate: Candidate, *, max_size: int, fetch_options: dict[str, Any
         return Outcome(candidate, fetched, reason=_image_reason(str(exc)), detail=str(exc)[:200])
     if min(img.size) < 16:
         return Outcome(candidate, fetched, reason="too-small", detail=f"{img.size[0]}x{img.size[1]} pixels")
-    phash = perceptual_hash(img)
     img.thumbnail((max_size, max_size))
+    phash = perceptual_hash(img)  # of the saved pixels (phash survives the resize; 4x cheaper)
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=90)
     return Outcome(candidate, fetched, jpeg=buffer.getvalue(), sha256=hashlib.sha256(fetched.data).hexdigest(),
@@ -639,53 +639,76 @@ def scrape(spec, *, source: str | None = None, classes: list[str] | None = None,
                                             page_url=result.get("url"), title=result.get("title"),
                                             source=result.get("source"))
 
-    reports: dict[str, ClassReport] = {}
+    # One pool for all classes, results handled in submission order (deterministic dedupe): while a
+    # class waits for its last answers the next class's downloads already run. A class never has
+    # more downloads in flight than it still needs, so nothing is fetched only to be thrown away.
+    states: dict[str, _ClassState] = {}
+    for cls in wanted:
+        report = _report_from(records, cls, per_class)
+        states[cls] = _ClassState(report, iter(candidates_for(cls)), class_dir(root, cls))
+    reports = {cls: st.report for cls, st in states.items()}
+    limit = 2 * max(1, workers)
+    fifo: deque[tuple[str, Future]] = deque()
     manifest = open(root / MANIFEST, "a", encoding="utf-8")
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        for cls in wanted:
-            report = reports[cls] = _report_from(records, cls, per_class)
-            target_dir = class_dir(root, cls)
-            bar = _progress(per_class, f"{cls}", progress)
-            if bar:
-                bar.update(min(report.ok, per_class))
-            if report.ok >= per_class:
-                continue
-            target_dir.mkdir(exist_ok=True)
-            pending: deque[Future] = deque()
-            queued: set[str] = set()
-            stream = iter(candidates_for(cls))
-            exhausted = False
-            while report.ok < per_class:
-                while not exhausted and len(pending) < min(2 * workers, per_class - report.ok):  # never over-fetch
-                    candidate = next(stream, None)
+        while True:
+            for cls, st in states.items():
+                while len(fifo) < limit and not st.exhausted and st.in_flight < per_class - st.report.ok:
+                    try:
+                        candidate = next(st.stream, None)
+                    except ScrapeError as exc:  # search gave up: finish the other classes, then report
+                        st.error, candidate = exc, None
                     if candidate is None:
-                        exhausted = True
+                        st.exhausted = True
                         break
                     key = normalise_url(candidate.url)
-                    if key in queued or index.seen_url(cls, candidate.url):
+                    if key in st.queued or index.seen_url(cls, candidate.url):
                         continue
-                    queued.add(key)
-                    pending.append(pool.submit(prepare, candidate, max_size=spec.max_size,
-                                               fetch_options=fetch_options, max_pixels=max_pixels))
-                if not pending:
+                    st.queued.add(key)
+                    st.in_flight += 1
+                    if st.bar is None and progress:
+                        st.bar = _progress(per_class, cls, progress)
+                        st.bar.update(min(st.report.ok, per_class))
+                    st.dir.mkdir(exist_ok=True)
+                    fifo.append((cls, pool.submit(prepare, candidate, max_size=spec.max_size,
+                                                  fetch_options=fetch_options, max_pixels=max_pixels)))
+                if len(fifo) >= limit:
                     break
-                outcome = pending.popleft().result()
-                record = _accept(outcome, root, target_dir, index)
-                manifest.write(json.dumps(record) + "\n")
-                manifest.flush()
-                index.add(record)
-                _count(report, record)
-                if bar:
-                    bar.update(min(report.ok, per_class))
-            for future in pending:
-                future.cancel()
-            if report.shortfall:
-                log(f"{cls}: {report.ok} of {per_class} images (shortfall {report.shortfall})")
+            if not fifo:
+                break
+            cls, future = fifo.popleft()
+            st = states[cls]
+            st.in_flight -= 1
+            record = _accept(future.result(), root, st.dir, index)
+            manifest.write(json.dumps(record) + "\n")
+            manifest.flush()
+            index.add(record)
+            _count(st.report, record)
+            if st.bar is not None:
+                st.bar.update(min(st.report.ok, per_class))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         manifest.close()
+    for cls, st in states.items():
+        if st.report.shortfall and not st.error:
+            log(f"{cls}: {st.report.ok} of {per_class} images (shortfall {st.report.shortfall})")
+    errors = [st.error for st in states.values() if st.error]
+    if errors:
+        raise errors[0]
     return ScrapeReport(root, reports)
+
+
+@dataclass
+class _ClassState:
+    report: ClassReport
+    stream: Iterator[Candidate]
+    dir: Path
+    queued: set[str] = field(default_factory=set)
+    in_flight: int = 0
+    exhausted: bool = False
+    bar: Any = None
+    error: ScrapeError | None = None
 
 
 def _report_from(records: list[dict[str, Any]], cls: str, quota: int) -> ClassReport:
