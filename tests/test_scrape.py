@@ -433,7 +433,7 @@ def test_cli_fashion_mnist_keeps_test_split(tmp_path):
     if not FASHION_MNIST_DIR.is_dir():
         pytest.skip("dataset-fashion-mnist is not installed")
     root = _project(tmp_path, "[fashion-mnist]\nper_class = 2\n")
-    done = run_cli("scrape", "fashion-mnist", "--test-split", "--test-per-class", "1", "--quiet", cwd=root)
+    done = run_cli("scrape", "fashion-mnist", "--test-split", "--test-per-class", "1", cwd=root)  # with bars
     assert done.returncode == 0, done.stderr
     assert len(list((root / "scrape" / "fashion-mnist").rglob("*.png"))) == 20
     assert len(list((root / "scrape" / "fashion-mnist-test").rglob("*.png"))) == 10
@@ -476,3 +476,13 @@ def test_sigkill_then_rerun_is_consistent(site, tmp_path):
              and p.name != "manifest.jsonl"}
     assert files == {r["file"] for r in ok}  # no partial, no unrecorded file; every ok file exists
     assert len({r["sha256"] for r in ok}) == len(ok) == 28
+
+
+def test_settings_source_key_is_relative_to_settings(cars, tmp_path):
+    (tmp_path / "data").symlink_to(cars)
+    root = _project(tmp_path, "[cars]\nsource = folder:data\nmax_size = 48\nper_class = 2\n")
+    done = run_cli("scrape", "cars", "--settings", root / "settings.ini", "--classes", "SUV",
+                   cwd=root.parent)  # another working folder, progress bars on
+    assert done.returncode == 0, done.stderr
+    assert "SUV" in done.stdout and len(list((root / "scrape" / "cars" / "SUV").glob("*.jpg"))) == 2
+    assert not (root / "scrape" / "cars" / "Sedan").exists()

@@ -76,7 +76,8 @@ def ingest(dest: Path, *, split: str = "train", per_class: int | None = None, se
     if progress:
         from fastprogress.fastprogress import progress_bar
 
-        iterator = progress_bar(chosen, comment=f"Fashion-MNIST {split} -> {dest}")
+        iterator = progress_bar(chosen)
+        iterator.comment = f"Fashion-MNIST {split} -> {dest}"  # ConsoleProgressBar takes no comment argument
     counts: dict[str, int] = {}
     with open(manifest_path, "a") as manifest:
         for index in iterator:

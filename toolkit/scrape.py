@@ -540,15 +540,24 @@ def _progress(total: int, comment: str, enabled: bool):
         return None
     from fastprogress.fastprogress import progress_bar
 
-    bar = progress_bar(range(total), total=total, comment=comment, leave=True)
+    bar = progress_bar(range(total), total=total, leave=True)
+    bar.comment = comment  # the console bar (fastprogress 1.1) takes no comment argument
     bar.update(0)
     return bar
 
 
 def resolve_source(spec, source: str | None) -> str:
-    source = source or getattr(spec, "source", "auto") or "auto"
+    """The source to use: the given one (paths relative to the working folder), else the section's
+    `source` key (paths relative to settings.ini), where auto means fashion-mnist for a section
+    named fashion-mnist and ddgs for any other."""
+    if source:
+        return source
+    source = getattr(spec, "source", "auto") or "auto"
     if source == "auto":
         return "fashion-mnist" if spec.name == "fashion-mnist" else "ddgs"
+    kind, _, path = source.partition(":")
+    if path and not Path(path).expanduser().is_absolute():
+        return f"{kind}:{spec.root / path}"
     return source
 
 
@@ -687,6 +696,9 @@ def scrape(spec, *, source: str | None = None, classes: list[str] | None = None,
             _count(st.report, record)
             if st.bar is not None:
                 st.bar.update(min(st.report.ok, per_class))
+                if st.exhausted and not st.in_flight and st.report.ok < per_class:
+                    print(flush=True)  # end the unfinished bar's line (a shortfall)
+                    st.bar = None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         manifest.close()
