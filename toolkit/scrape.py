@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
+from PIL import Image
+
 from .errors import ImageError, ToolkitError
 from .images import IMAGE_EXTENSIONS, open_image, perceptual_hash
 
@@ -407,7 +409,7 @@ def prepare(candidate: Candidate, *, max_size: int, fetch_options: dict[str, Any
         return Outcome(candidate, fetched, reason=_image_reason(str(exc)), detail=str(exc)[:200])
     if min(img.size) < 16:
         return Outcome(candidate, fetched, reason="too-small", detail=f"{img.size[0]}x{img.size[1]} pixels")
-    img.thumbnail((max_size, max_size))
+    img.thumbnail((max_size, max_size), resample=Image.Resampling.BILINEAR)  # fastai's resize_image default
     phash = perceptual_hash(img)  # of the saved pixels (phash survives the resize; 4x cheaper)
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=90)
@@ -498,17 +500,13 @@ class ScrapeReport:
                     "rejected": dict(r.rejected), "shortfall": r.shortfall} for c, r in self.classes.items()}
 
 
-def _hamming(a: str, b: str) -> int:
-    return bin(int(a, 16) ^ int(b, 16)).count("1")
-
-
 class _Index:
     """What is already accepted: by URL, sha256 and perceptual hash, across classes."""
 
     def __init__(self, records: list[dict[str, Any]], distance: int):
         self.distance = distance
         self.urls: dict[str, set[str]] = {}
-        self.accepted: list[dict[str, Any]] = []
+        self.accepted: list[tuple[int, dict[str, Any]]] = []  # (phash as int, record)
         for record in records:
             self.add(record)
 
@@ -517,17 +515,16 @@ class _Index:
         if key:
             self.urls.setdefault(record["class"], set()).add(normalise_url(key))
         if record.get("status") == "ok" and record.get("file"):
-            self.accepted.append(record)
+            self.accepted.append((int(record["phash"], 16) if record.get("phash") else -1, record))
 
     def seen_url(self, cls: str, url: str) -> bool:
         return normalise_url(url) in self.urls.get(cls, set())
 
     def twin(self, cls: str, sha: str, phash: str) -> dict[str, Any] | None:
         """An accepted record that is the same image (sha256) or a near copy (phash), same class first."""
-        best = None
-        for record in self.accepted:
-            same = record.get("sha256") == sha or (
-                record.get("phash") and _hamming(record["phash"], phash) <= self.distance)
+        best, wanted = None, int(phash, 16)
+        for value, record in self.accepted:
+            same = record.get("sha256") == sha or (value >= 0 and (value ^ wanted).bit_count() <= self.distance)
             if same:
                 if record["class"] == cls:
                     return record
