@@ -31,7 +31,7 @@ import sys, time, json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 routes = json.load(open(sys.argv[1]))
 latency = float(sys.argv[2])
-cache = {}
+cache = {file: open(file, "rb").read() for _, file, _ in routes.values() if file}  # warm for both contenders
 class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
     def do_GET(self):
@@ -44,8 +44,6 @@ class H(BaseHTTPRequestHandler):
             if kind == "html":
                 body, status, kind = b"<!DOCTYPE html><html><body>not a photo</body></html>" * 30, 200, "image/jpeg"
             else:
-                if file not in cache:
-                    cache[file] = open(file, "rb").read()
                 body, status = cache[file][:cut] if cut else cache[file], 200
         self.send_response(status)
         self.send_header("Content-Type", kind)
@@ -124,7 +122,8 @@ def child(kind: str, url_file: Path, out: Path) -> None:
 
         (out / "settings.ini").write_text("[bench]\nmax_size = 400\n")
         spec = load_settings(out / "settings.ini").get("bench")
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss_before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     start = time.perf_counter()
     if kind == "fastai":
         download_images(out / "images", urls=[url for _, url in lines])  # its defaults: 8 threads, 4 s timeout
@@ -134,9 +133,9 @@ def child(kind: str, url_file: Path, out: Path) -> None:
         records = [json.loads(line) for line in (spec.scrape_dir / "manifest.jsonl").read_text().splitlines()]
         files = [spec.scrape_dir / r["file"] for r in records if r["status"] == "ok"]
     elapsed = time.perf_counter() - start
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": elapsed, "files": [str(f) for f in files], "peak_rss_mb": rss_after / 1024,
-                      "rss_before_mb": rss_before / 1024}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": elapsed, "files": [str(f) for f in files], "peak_rss_mb": usage.ru_maxrss / 1024,
+                      "rss_before_mb": rss_before / 1024, "cpu_s": usage.ru_utime + usage.ru_stime - cpu_before}))
 
 
 def main() -> None:
@@ -173,7 +172,8 @@ def main() -> None:
             results[kind] = {**figures, **kept, "images_per_s": good / figures["seconds"]}
             print(f"{kind:8} {figures['seconds']:6.2f} s  {results[kind]['images_per_s']:6.1f} good images/s  "
                   f"kept {kept['kept']} (broken {kept['broken_kept']}, duplicates {kept['duplicates_kept']})  "
-                  f"peak RSS {figures['peak_rss_mb']:.0f} MB (after imports {figures['rss_before_mb']:.0f} MB)",
+                  f"CPU {figures['cpu_s']:.1f} s  peak RSS {figures['peak_rss_mb']:.0f} MB "
+                  f"(after imports {figures['rss_before_mb']:.0f} MB)",
                   flush=True)
     finally:
         server.kill()
@@ -188,6 +188,8 @@ def main() -> None:
         "peak_rss_mb": round(ours["peak_rss_mb"]), "baseline_peak_rss_mb": round(base["peak_rss_mb"]),
         "rss_after_imports_mb": round(ours["rss_before_mb"]),
         "baseline_rss_after_imports_mb": round(base["rss_before_mb"]),
+        "cpu_s": round(ours["cpu_s"], 2), "baseline_cpu_s": round(base["cpu_s"], 2),
+        "load_average_1min": round(os.getloadavg()[0], 1), "cpu_cores": os.cpu_count(),
         "broken_kept": ours["broken_kept"], "baseline_broken_kept": base["broken_kept"],
         "duplicates_kept": ours["duplicates_kept"], "baseline_duplicates_kept": base["duplicates_kept"],
         "kept": ours["kept"], "baseline_kept": base["kept"],
