@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated classes to scrape (default: all of the section's)")
     p.add_argument("--per-class", type=int, help="accepted images per class (default: per_class)")
     p.add_argument("--add-class", help="add this class to the section's classes in settings.ini and scrape it")
-    p.add_argument("--workers", type=int, default=16, help="parallel downloads (default 16)")
+    p.add_argument("--workers", type=int, default=32, help="downloads in flight at once (default 32)")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     p.add_argument("--test-split", action="store_true",
                    help="also write the source's test images to scrape/NAME-test/")

@@ -573,7 +573,7 @@ def resolve_source(spec, source: str | None) -> str:
 
 def scrape(spec, *, source: str | None = None, classes: list[str] | None = None, per_class: int | None = None,
            search: Callable[..., list[dict[str, Any]]] | None = None, backend_name: str | None = None,
-           workers: int = 16, timeout: float = 10.0, max_bytes: int = 10 * 1024 * 1024, max_redirects: int = 5,
+           workers: int = 32, timeout: float = 10.0, max_bytes: int = 10 * 1024 * 1024, max_redirects: int = 5,
            fetch_retries: int = 2, search_retries: int = 4, backoff_base: float = 2.0, backoff_cap: float = 60.0,
            max_pixels: int = 40_000_000, phash_distance: int = 4, sleep: Callable[[float], None] | None = None,
            progress: bool = False, log: Callable[[str], None] = lambda line: None) -> ScrapeReport:
