@@ -84,7 +84,7 @@ class Site:
             return 302, {"Location": "/loop-b" if path == "/loop-a" else "/loop-a"}, b"", 0
         if path == "/redirect.jpg":
             return 301, {"Location": "/photo/4.jpg"}, b"", 0
-        if path == "/huge.jpg":
+        if path in ("/huge.jpg", "/huge-no-length.jpg"):
             return 200, jpeg, self.photos[5] + b"\0" * (3 * 1024 * 1024), 0
         if path == "/wrong-type.bin":
             return 200, {"Content-Type": "text/plain"}, self.photos[6], 0
@@ -122,7 +122,8 @@ def site(photos):
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
+                if "no-length" not in path:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 for start in range(0, len(body), 65536):
                     self.wfile.write(body[start:start + 65536])
@@ -340,7 +341,29 @@ def test_ddgs_adapter_maps_recorded_results(monkeypatch):
 
 def test_fetch_streams_no_more_than_the_limit(site):
     result = fetch(f"{site.base}/huge.jpg", max_bytes=100_000)
-    assert result.reason == "too-large" and result.data is None
+    assert result.reason == "too-large" and "Content-Length" in result.detail
+    result = fetch(f"{site.base}/huge-no-length.jpg", max_bytes=100_000)  # no header: stop reading at the limit
+    assert result.reason == "too-large" and "stopped reading" in result.detail and result.data is None
+    result = fetch(f"{site.base}/wrong-type.bin")
+    assert result.data is not None and result.http_status == 200
+
+
+def test_torn_manifest_line_and_stray_files_are_cleaned(site, tmp_path):
+    spec = make_spec(tmp_path)
+    search = FakeSearch([f"{site.base}/photo/{i}.jpg" for i in range(10, 14)])
+    scrape(spec, search=search, per_class=2, **NO_SLEEP)
+    root = spec.scrape_dir
+    manifest = root / "manifest.jsonl"
+    good = manifest.read_bytes()
+    manifest.write_bytes(good + b'{"class": "shirts", "url": "http://torn')  # killed mid-line
+    (root / "shirts" / "s-orphan-0123456789ab.jpg").write_bytes(b"x")  # renamed, never recorded
+    (root / "shirts" / "s-x.jpg.part").write_bytes(b"x")
+    (root / "shirts" / "mine.jpg").write_bytes(b"x")  # not the scraper's: left alone
+    assert len(load_manifest(root)) == 2 and manifest.read_bytes() == good
+    scrape(spec, search=search, per_class=3, **NO_SLEEP)
+    names = sorted(p.name for p in (root / "shirts").iterdir())
+    assert "mine.jpg" in names and not any("orphan" in n or n.endswith(".part") for n in names)
+    assert len(load_manifest(root)) == 3
 
 
 def test_normalise_url():
