@@ -99,7 +99,7 @@ def tiny_project(tmp_path_factory, clothing_small) -> Path:
     copy_subset(clothing_small / "train", root / "scrape" / "tiny", TINY_CLASSES, 40)
     (root / "settings.ini").write_text(
         "[tiny]\ntitle = Tiny clothing\ndescription = Three clothing classes for tests.\n"
-        "size = 64\nepochs = 1\nfreeze_epochs = 1\nbs = 16\nlr_find_iters = 20\n"
+        "size = 96\nepochs = 1\nfreeze_epochs = 2\nbs = 16\nlr = 5e-3\nlr_find_iters = 20\n"
     )
     return root
 

@@ -14,9 +14,12 @@ weights come from and whether they are on this machine, and the input normalisat
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -76,7 +79,12 @@ def _resnet_body(arch: str) -> Callable[[bool], nn.Module]:
         else:
             checkpoint = _hub_checkpoint(arch)
             try:
-                model = constructor(weights=_torchvision_weights(arch))
+                if checkpoint.is_file():
+                    model = constructor(weights=_torchvision_weights(arch))
+                else:  # torchvision downloads it where there is internet; keep its chatter quiet
+                    print(f"downloading {arch} weights to {checkpoint}", file=sys.stderr)
+                    with contextlib.redirect_stderr(io.StringIO()):
+                        model = constructor(weights=_torchvision_weights(arch))
             except Exception as exc:  # offline: URLError, socket errors, ...
                 raise ToolkitError(
                     f"{arch}: pretrained weights {checkpoint.name} are not in {checkpoint.parent} and "

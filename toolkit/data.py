@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -239,13 +239,12 @@ class LabelOf:
 def make_dataloaders(dataset: Dataset, size: int, bs: int, mean, std, *, seed: int = 42,
                      augment: bool = True, progress: bool = True, cache: bool = True):
     """fastai DataLoaders: squish to size (cached), flips/rotations/lighting on train, normalise."""
+    import torch
     from fastai.data.block import CategoryBlock, DataBlock
     from fastai.data.transforms import IndexSplitter
-    from fastai.vision.augment import aug_transforms
+    from fastai.vision.augment import Normalize, aug_transforms
     from fastai.vision.core import imagenet_stats  # noqa: F401  (fastai import order)
     from fastai.vision.data import ImageBlock
-    from fastai.vision.augment import Normalize
-    import torch
 
     decoded = DecodedCache(dataset.files, size, progress=progress) if cache else None
     valid_idx = [i for i, v in enumerate(dataset.is_valid) if v]

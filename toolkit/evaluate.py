@@ -7,8 +7,8 @@ a Learner's validation set (at train time) or from the pickle-free predictor on 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

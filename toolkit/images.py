@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -116,9 +117,9 @@ def open_image(
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image (unknown format)") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"{label}: decompression bomb refused (too many pixels)") from None
+        raise ImageError(f"{label}: decompression bomb refused (over the pixel limit)") from None
     except Image.DecompressionBombWarning:
-        raise ImageError(f"{label}: decompression bomb refused (too many pixels)") from None
+        raise ImageError(f"{label}: decompression bomb refused (over the pixel limit)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "truncated" in reason:

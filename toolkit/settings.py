@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import configparser
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import SettingsError
 
@@ -228,7 +229,7 @@ class ClassifierSpec:
     def display_title(self) -> str:
         return self.title or self.name
 
-    def with_overrides(self, **overrides: Any) -> "ClassifierSpec":
+    def with_overrides(self, **overrides: Any) -> ClassifierSpec:
         """A copy with command-line overrides applied (None means: keep the setting)."""
         given = {key: value for key, value in overrides.items() if value is not None}
         if "arch" in given:

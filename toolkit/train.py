@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -113,9 +113,8 @@ FALLBACK_LR = 2e-3
 
 def find_lr(learn, num_it: int, plot_path: Path) -> dict[str, float]:
     """fastai's lr_find with the valley and slide suggestions, plotted; robust to short runs."""
-    from fastai.callback.schedule import slide, valley
-
     import torch
+    from fastai.callback.schedule import slide, valley
 
     plt = _plt()
     learn.lr_find(num_it=max(num_it, 20), show_plot=False, suggest_funcs=None)

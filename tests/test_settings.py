@@ -1,0 +1,82 @@
+"""settings.ini -> typed specs; every error is one line naming the section and key."""
+
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from toolkit.errors import SettingsError
+from toolkit.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "settings.ini"
+    path.write_text(text)
+    return path
+
+
+def test_project_settings_parse_with_required_sections():
+    settings = load_settings(REPO / "settings.ini")
+    assert {"fashion-mnist", "clothing"} <= set(settings.classifiers)
+    clothing = settings.get("clothing")
+    assert clothing.classes == ["t-shirts", "shirts", "jeans", "socks", "shoes", "polo-shirts"]
+    assert clothing.arch == "resnet34"
+    assert all("{class}" in q for q in clothing.queries) and len(clothing.queries) >= 2
+    assert settings.get("fashion-mnist").arch == "efficientnet_lite0"
+
+
+def test_minimal_section_gets_defaults_and_paths_resolve_from_the_file(tmp_path):
+    settings = load_settings(write(tmp_path, "[DEFAULT]\nsize = 96\n\n[cats]\n"))
+    spec = settings.get("cats")
+    assert spec.classes == [] and spec.task == "single" and spec.pretrained is True
+    assert spec.size == 96 and spec.lr is None and spec.split == "auto"
+    assert spec.scrape_dir == tmp_path / "scrape" / "cats"
+    assert spec.models_dir == tmp_path / "models" / "cats"
+    assert spec.cleaned_dir == tmp_path / "cleaned_data" / "cats"
+
+
+def test_values_are_typed(tmp_path):
+    spec = load_settings(write(tmp_path, "[x]\nlr = 3e-3\nepochs = 2\npretrained = no\n"
+                                         "split = group:^(u\\d+)_\ngroup = _([mw])\\.\ndata = sub/dir\n")).get("x")
+    assert spec.lr == pytest.approx(3e-3) and spec.epochs == 2 and spec.pretrained is False
+    assert spec.split == "group:^(u\\d+)_" and spec.group == "_([mw])\\."
+    assert spec.data_dir == (tmp_path / "sub" / "dir").resolve()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[x]\ncolour = red\n", "settings [x] has unknown key 'colour'"),
+    ("[DEFAULT]\nepoch = 3\n[x]\n", "settings [DEFAULT] has unknown key 'epoch'"),
+    ("[x]\nepochs = many\n", "settings [x] epochs = 'many'"),
+    ("[x]\nepochs = 0\n", "settings [x] epochs = '0': must be a positive whole number"),
+    ("[x]\narch = resnet9000\n", "settings [x] arch = 'resnet9000': unknown backbone 'resnet9000'"),
+    ("[x]\npretrained = maybe\n", "settings [x] pretrained = 'maybe': use yes or no"),
+    ("[x]\nsplit = halves\n", "settings [x] split = 'halves'"),
+    ("[x]\ntask = dance\n", "settings [x] task = 'dance': unknown task"),
+    ("[x]\nqueries = photo of cats\n", "settings [x] queries"),
+    ("[x]\ngroup = (unclosed\n", "settings [x] group"),
+    ("[x]\nlr = -1\n", "settings [x] lr"),
+])
+def test_bad_settings_are_one_line_errors_naming_section_and_key(tmp_path, text, expected):
+    with pytest.raises(SettingsError) as info:
+        load_settings(write(tmp_path, text))
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
+def test_unknown_classifier_and_missing_file(tmp_path):
+    settings = load_settings(write(tmp_path, "[a]\n"))
+    with pytest.raises(SettingsError, match=r"no classifier \[b\]; known: a"):
+        settings.get("b")
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(tmp_path / "nope.ini")
+
+
+def test_cli_reports_settings_errors_in_one_line(tmp_path):
+    path = write(tmp_path, "[x]\nsize = huge\n")
+    result = run_cli("train", "x", "--settings", path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: settings [x] size = 'huge': invalid literal for int() with base 10: 'huge'"
+    result = run_cli("train", "nope", "--settings", path.with_name("missing.ini"))
+    assert result.returncode == 2 and "settings file" in result.stderr and "Traceback" not in result.stderr
