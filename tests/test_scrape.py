@@ -54,6 +54,7 @@ class Site:
         self.hits: dict[str, int] = {}
         self.lock = threading.Lock()
         self.latency = 0.0
+        self.slow = 4.0
         near = Image.open(io.BytesIO(photos[0])).convert("RGB")
         near = near.resize((near.width * 3 // 4, near.height * 3 // 4))
         buffer = io.BytesIO()
@@ -73,7 +74,7 @@ class Site:
                 return 500, {"Content-Type": "text/plain"}, b"oops", 0
             return 200, jpeg, self.photos[1], 0
         if path == "/slow.jpg":
-            return 200, jpeg, self.photos[2], 4.0
+            return 200, jpeg, self.photos[2], self.slow
         if path == "/page.jpg":
             return 200, jpeg, b"<!DOCTYPE html><html><body>a web page, not a photo</body></html>" * 20, 0
         if path == "/truncated.jpg":
@@ -509,3 +510,24 @@ def test_settings_source_key_is_relative_to_settings(cars, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "SUV" in done.stdout and len(list((root / "scrape" / "cars" / "SUV").glob("*.jpg"))) == 2
     assert not (root / "scrape" / "cars" / "Sedan").exists()
+
+
+def test_rerun_retries_transient_failures_only(site, tmp_path):
+    spec = make_spec(tmp_path)
+    search = FakeSearch([f"{site.base}/slow.jpg", f"{site.base}/missing.jpg", f"{site.base}/photo/10.jpg"])
+    report = scrape(spec, search=search, per_class=3, timeout=0.3, **NO_SLEEP)
+    assert report.classes["shirts"].rejected == {"timeout": 1, "http-404": 1}
+    site.slow = 0.0  # the server recovered
+    report = scrape(spec, search=search, per_class=3, timeout=2, **NO_SLEEP)
+    assert site.hits["/slow.jpg"] == 2 and site.hits["/missing.jpg"] == 1 and site.hits["/photo/10.jpg"] == 1
+    rep = report.classes["shirts"]
+    assert (rep.candidates, rep.ok, dict(rep.rejected), rep.shortfall) == (3, 2, {"http-404": 1}, 1)
+    assert [r["status"] for r in load_manifest(spec.scrape_dir)].count("rejected:timeout") == 1
+
+
+def test_add_class_without_classes_key(tmp_path):
+    settings = tmp_path / "settings.ini"
+    settings.write_text("[web]\n# found from the folders\nmax_size = 64\n")
+    assert add_class_to_settings(settings, "web", "polo shirt", existing=["shirts", "pants"])
+    assert load_settings(settings).get("web").classes == ["shirts", "pants", "polo shirt"]
+    assert "# found from the folders" in settings.read_text()

@@ -524,9 +524,9 @@ class _Index:
             self.add(record)
 
     def add(self, record: dict[str, Any]) -> None:
-        key = record.get("url") or (record.get("source") if record.get("backend") == "folder" else None)
-        if key:
-            self.urls.setdefault(record["class"], set()).add(normalise_url(key))
+        key = _record_key(record)
+        if key and not _transient(record):  # a timeout or a 5xx is tried again by the next run
+            self.urls.setdefault(record["class"], set()).add(key)
         if record.get("status") == "ok" and record.get("file"):
             self.accepted.append((int(record["phash"], 16) if record.get("phash") else -1, record))
 
@@ -665,7 +665,6 @@ def scrape(spec, *, source: str | None = None, classes: list[str] | None = None,
     for cls in wanted:
         report = _report_from(records, cls, per_class)
         states[cls] = _ClassState(report, iter(candidates_for(cls)), class_dir(root, cls))
-    reports = {cls: st.report for cls, st in states.items()}
     limit = 2 * max(1, workers)
     fifo: deque[tuple[str, Future]] = deque()
     manifest = open(root / MANIFEST, "a", encoding="utf-8")
@@ -703,6 +702,7 @@ def scrape(spec, *, source: str | None = None, classes: list[str] | None = None,
             manifest.write(json.dumps(record) + "\n")
             manifest.flush()
             index.add(record)
+            records.append(record)
             _count(st.report, record)
             if st.bar is not None:
                 st.bar.update(min(st.report.ok, per_class))
@@ -718,7 +718,7 @@ def scrape(spec, *, source: str | None = None, classes: list[str] | None = None,
     errors = [st.error for st in states.values() if st.error]
     if errors:
         raise errors[0]
-    return ScrapeReport(root, reports)
+    return ScrapeReport(root, {cls: _report_from(records, cls, per_class) for cls in wanted})
 
 
 @dataclass
@@ -733,11 +733,25 @@ class _ClassState:
     error: ScrapeError | None = None
 
 
+def _record_key(record: dict[str, Any]) -> str | None:
+    key = record.get("url") or (record.get("source") if record.get("backend") == "folder" else None)
+    return normalise_url(key) if key else None
+
+
+def _transient(record: dict[str, Any]) -> bool:
+    reason = record.get("status", "").partition("rejected:")[2]
+    return reason in ("timeout", "connection-error", "http-429") or bool(re.fullmatch(r"http-5\d\d", reason))
+
+
 def _report_from(records: list[dict[str, Any]], cls: str, quota: int) -> ClassReport:
+    """Counts of a class, one per candidate: a URL retried after a transient failure counts once."""
     report = ClassReport(cls, quota)
-    for record in records:
+    latest: dict[str, dict[str, Any]] = {}
+    for number, record in enumerate(records):
         if record.get("class") == cls:
-            _count(report, record)
+            latest[_record_key(record) or f"#{number}"] = record
+    for record in latest.values():
+        _count(report, record)
     return report
 
 
