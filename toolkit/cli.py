@@ -46,23 +46,42 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_scrape(args: argparse.Namespace) -> int:
-    """Fill scrape/NAME/<class>/ from a source (here: fashion-mnist[:DIR])."""
+    """Fill scrape/NAME/<class>/ from ddgs search, folder:PATH, urls:FILE or fashion-mnist[:DIR]."""
     from . import fashion_mnist
+    from .scrape import add_class_to_settings, load_manifest, resolve_source, scrape
 
-    spec = _spec(args)
-    source = args.source or "fashion-mnist"
-    if not source.startswith("fashion-mnist"):
-        raise ToolkitError(f"--source {source}: unknown source; use fashion-mnist or fashion-mnist:DIR")
-    folder = Path(source.split(":", 1)[1]) if ":" in source else fashion_mnist.FASHION_MNIST_DIR
-    per_class = args.per_class or spec.per_class
-    counts = fashion_mnist.ingest(spec.scrape_dir, split="train", per_class=per_class, seed=spec.seed,
-                                  folder=folder, progress=not args.quiet)
-    print(f"scraped {sum(counts.values())} images into {spec.scrape_dir}: {counts}")
+    settings = _settings(args)
+    spec = settings.get(args.name)
+    if args.workers <= 0:
+        raise ToolkitError(f"--workers {args.workers}: must be a positive whole number")
+    if args.per_class is not None and args.per_class <= 0:
+        raise ToolkitError(f"--per-class {args.per_class}: must be a positive whole number")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    if args.classes is not None and not classes:
+        raise ToolkitError("--classes: give comma-separated class names, e.g. --classes cats,dogs")
+    if args.add_class:
+        existing = spec.classes or sorted({r["class"] for r in load_manifest(spec.scrape_dir)})
+        if add_class_to_settings(settings.path, spec.name, args.add_class, existing):
+            print(f"added class {args.add_class.strip()!r} to [{spec.name}] in {settings.path}")
+            from .settings import load_settings
+
+            spec = load_settings(settings.path).get(args.name)
+        classes = [args.add_class.strip()]
+    source = resolve_source(spec, args.source)
+    if args.test_split and not source.startswith("fashion-mnist"):
+        raise ToolkitError(f"--test-split: only the fashion-mnist source has a test split, not {source}")
+    report = scrape(spec, source=source, classes=classes, per_class=args.per_class, progress=not args.quiet,
+                    workers=args.workers, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report.format())
+    print(f"scraped into {spec.scrape_dir} (provenance: {spec.scrape_dir / 'manifest.jsonl'})")
     if args.test_split:
+        folder = Path(source.split(":", 1)[1]) if ":" in source else fashion_mnist.FASHION_MNIST_DIR
         test_dir = spec.root / "scrape" / f"{spec.name}-test"
         counts = fashion_mnist.ingest(test_dir, split="test", per_class=args.test_per_class, seed=spec.seed,
                                       folder=folder, progress=not args.quiet)
         print(f"test images: {sum(counts.values())} in {test_dir}")
+    if args.json:
+        print(json.dumps(report.as_dict()))
     return 0
 
 
@@ -146,8 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("scrape", cmd_scrape)
     p.add_argument("name")
-    p.add_argument("--source", help="fashion-mnist or fashion-mnist:DIR")
-    p.add_argument("--per-class", type=int)
+    p.add_argument("--source", help="ddgs, folder:PATH, urls:FILE (class<TAB>url lines), fashion-mnist[:DIR] "
+                   "(default: the section's source key; auto = fashion-mnist for [fashion-mnist], else ddgs)")
+    p.add_argument("--classes", help="comma-separated classes to scrape (default: all of the section's)")
+    p.add_argument("--per-class", type=int, help="accepted images per class (default: per_class)")
+    p.add_argument("--add-class", help="add this class to the section's classes in settings.ini and scrape it")
+    p.add_argument("--workers", type=int, default=32, help="downloads in flight at once (default 32)")
+    p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     p.add_argument("--test-split", action="store_true",
                    help="also write the source's test images to scrape/NAME-test/")
     p.add_argument("--test-per-class", type=int, default=None)

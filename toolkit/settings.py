@@ -112,6 +112,33 @@ def _parse_text(value: str) -> str:
     return value.strip()
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    """A parser accepting one of `choices` (case as written in ddgs), or empty for 'any'."""
+
+    def parse(value: str) -> str:
+        text = value.strip()
+        for choice in choices:
+            if text.lower() == choice.lower():
+                return choice
+        raise ValueError(f"use one of: {', '.join(repr(c) for c in choices)}")
+
+    return parse
+
+
+def _parse_source(value: str) -> str:
+    text = value.strip()
+    if text in ("", "auto", "ddgs", "fashion-mnist") or text.startswith(("fashion-mnist:", "folder:", "urls:")):
+        return text or "auto"
+    raise ValueError("use auto, ddgs, fashion-mnist[:DIR], folder:PATH or urls:FILE")
+
+
+def _parse_region(value: str) -> str:
+    text = value.strip().lower()
+    if not re.fullmatch(r"[a-z]{2}-[a-z]{2}", text):
+        raise ValueError("use a ddgs region such as wt-wt (no region), us-en or de-de")
+    return text
+
+
 # key -> (parser, default as it would be written in settings.ini, help)
 KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "task": (_parse_task, "single", "what the classifier does: " + ", ".join(TASKS)),
@@ -121,6 +148,16 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "queries": (_parse_queries, "{class}", "web-search templates with {class}, one per line or '|'"),
     "per_class": (_parse_positive_int, "150", "images to scrape per class"),
     "max_size": (_parse_positive_int, "400", "long side in pixels of scraped images"),
+    "source": (_parse_source, "auto", "where scrape gets images: ddgs, fashion-mnist[:DIR], folder:PATH, urls:FILE "
+               "(auto: fashion-mnist for a section named fashion-mnist, else ddgs)"),
+    "region": (_parse_region, "wt-wt", "ddgs search region, e.g. wt-wt, us-en"),
+    "safesearch": (_choice("on", "moderate", "off"), "moderate", "ddgs safesearch: on, moderate or off"),
+    "image_size": (_choice("", "Small", "Medium", "Large", "Wallpaper"), "", "ddgs size filter (empty: any)"),
+    "type_image": (_choice("", "photo", "clipart", "gif", "transparent", "line"), "",
+                   "ddgs image type filter (empty: any)"),
+    "layout": (_choice("", "Square", "Tall", "Wide"), "", "ddgs layout filter (empty: any)"),
+    "license_image": (_choice("", "any", "Public", "Share", "ShareCommercially", "Modify", "ModifyCommercially"), "",
+                      "ddgs license filter (empty: no filter)"),
     "data": (_parse_text, "", "a data folder to train on instead of scrape/NAME"),
     "arch": (_parse_arch, "efficientnet_lite0", "the backbone (see `toolkit backbones`)"),
     "pretrained": (_parse_bool, "yes", "start from ImageNet weights"),
@@ -150,6 +187,13 @@ class ClassifierSpec:
     queries: list[str] = field(default_factory=lambda: ["{class}"])
     per_class: int = 150
     max_size: int = 400
+    source: str = "auto"
+    region: str = "wt-wt"
+    safesearch: str = "moderate"
+    image_size: str = ""
+    type_image: str = ""
+    layout: str = ""
+    license_image: str = ""
     data: str = ""
     arch: str = "efficientnet_lite0"
     pretrained: bool = True
