@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO, TINY_CLASSES, cli_env, run_cli
+from PIL import Image
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -297,6 +296,30 @@ def test_gradcam_works_for_every_backbone(arch, tmp_path):
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 80, 3), dtype=np.uint8))
     heat = gradcam(predictor, img, 1)
     assert heat.shape == (50, 80) and 0 <= heat.min() and heat.max() <= 1
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_inference_model_matches_create_model_without_fastai(arch):
+    import torch
+
+    from toolkit.backbones import create_model
+    from toolkit.model_io import inference_model
+
+    reference = create_model(arch, 3, pretrained=False).eval()
+    lean = inference_model(arch, 3).eval()
+    lean.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(reference(x), lean(x), atol=1e-6)
+
+
+def test_dashboard_kernel_does_not_import_fastai(trained_project):
+    code = ("import sys; from toolkit.dashboard import dashboard; d = dashboard('tiny'); "
+            "assert d.predictor is not None; print('fastai' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=trained_project / "apps", env=cli_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 # ------------------------------------------------------------------ in a real browser

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -169,6 +170,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if preheated:
         print(f"preheated kernels: {', '.join(preheated)}")
     print("Ctrl-C stops the server.", flush=True)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops Voila and its kernels too
     try:
         proc.wait()
     except KeyboardInterrupt:

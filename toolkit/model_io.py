@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import __version__
-from .backbones import create_model
+from .backbones import get_backbone
 from .errors import ToolkitError
 from .images import ImageSource, open_image
 
@@ -56,6 +57,40 @@ def export_model(model: torch.nn.Module, folder: Path, meta: dict[str, Any]) -> 
     return folder / META_FILE
 
 
+class ConcatPool(torch.nn.Module):
+    """fastai's AdaptiveConcatPool2d: max and average pooling, concatenated (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.adaptive_max_pool2d(x, 1),
+                          torch.nn.functional.adaptive_avg_pool2d(x, 1)], 1)
+
+
+class FlattenBatch(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), -1)
+
+
+def inference_model(arch: str, n_out: int) -> torch.nn.Sequential:
+    """The same network as `backbones.create_model(arch, n_out, pretrained=False)`, with the same
+    state_dict keys, built without importing fastai (which costs a serving kernel seconds and
+    hundreds of MB): body + fastai's default head (concat pool, flatten, BN, dropout, linear 512,
+    ReLU, BN, dropout, linear), as laid out by fastai 2.8's `create_head`."""
+    from torch import nn
+
+    backbone = get_backbone(arch)
+    if arch.startswith("resnet"):
+        import torchvision.models as tvm
+
+        body = nn.Sequential(*list(getattr(tvm, arch)(weights=None).children())[:-2])  # fastai's cut
+    else:
+        body = backbone.create_body(False)
+    nf = backbone.n_features * 2
+    head = nn.Sequential(ConcatPool(), FlattenBatch(),
+                         nn.BatchNorm1d(nf), nn.Dropout(0.25), nn.Linear(nf, 512, bias=False), nn.ReLU(inplace=True),
+                         nn.BatchNorm1d(512), nn.Dropout(0.5), nn.Linear(512, n_out, bias=False))
+    return nn.Sequential(body, head)
+
+
 @dataclass
 class Prediction:
     label: str
@@ -87,8 +122,8 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.size = int(self.meta["size"])
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = create_model(self.meta["arch"], len(self.classes), pretrained=False)
-        self.model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        self.model = inference_model(self.meta["arch"], len(self.classes))
+        self.model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
         self.model.eval().to(self.device)
         self.mean = torch.tensor(self.meta["mean"]).view(1, 3, 1, 1).to(self.device)
         self.std = torch.tensor(self.meta["std"]).view(1, 3, 1, 1).to(self.device)
@@ -118,7 +153,7 @@ class Predictor:
         """One image (path, bytes, file object or PIL image) -> label and probabilities."""
         img = src if isinstance(src, Image.Image) else open_image(src, name=name, draft_size=self.size)
         probs = self.predict_images([img.convert("RGB")])[0]
-        return Prediction(self.classes[int(probs.argmax())], dict(zip(self.classes, probs.tolist())))
+        return Prediction(self.classes[int(probs.argmax())], dict(zip(self.classes, probs.tolist(), strict=True)))
 
 
 def load_predictor(folder: str | Path) -> Predictor:
