@@ -313,7 +313,18 @@ def test_inference_model_matches_create_model_without_fastai(arch):
         assert torch.allclose(reference(x), lean(x), atol=1e-6)
 
 
+def test_optimized_predictor_matches_the_eager_model(trained_project, clothing_small):
+    from toolkit.model_io import Predictor
+
+    eager = Predictor(trained_project / "models" / "tiny", device="cpu")
+    fast = Predictor(trained_project / "models" / "tiny", device="cpu", optimize=True)
+    assert fast.fast_model is not None and eager.fast_model is None
+    images = [Image.open(photo(clothing_small, c)).convert("RGB") for c in TINY_CLASSES]
+    assert np.allclose(eager.predict_images(images), fast.predict_images(images), atol=1e-4)
+
+
 def test_dashboard_kernel_does_not_import_fastai(trained_project):
+    (trained_project / "apps").mkdir(exist_ok=True)
     code = ("import sys; from toolkit.dashboard import dashboard; d = dashboard('tiny'); "
             "assert d.predictor is not None; print('fastai' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=trained_project / "apps", env=cli_env(),

@@ -66,7 +66,7 @@ def get_predictor(folder: str | Path) -> Predictor:
     if key not in _PREDICTORS:
         for old in [k for k in _PREDICTORS if k[0] == key[0]]:
             del _PREDICTORS[old]
-        _PREDICTORS[key] = Predictor(folder, device="cpu")
+        _PREDICTORS[key] = Predictor(folder, device="cpu", optimize=True)
     return _PREDICTORS[key]
 
 

@@ -104,7 +104,7 @@ class Prediction:
 class Predictor:
     """Loads models/NAME once; predicts from paths, bytes or PIL images. No fastai at run time."""
 
-    def __init__(self, folder: str | Path, device: str | None = None):
+    def __init__(self, folder: str | Path, device: str | None = None, optimize: bool = False):
         folder = Path(folder)
         meta_path = folder / META_FILE
         if not meta_path.is_file():
@@ -127,6 +127,27 @@ class Predictor:
         self.model.eval().to(self.device)
         self.mean = torch.tensor(self.meta["mean"]).view(1, 3, 1, 1).to(self.device)
         self.std = torch.tensor(self.meta["std"]).view(1, 3, 1, 1).to(self.device)
+        self.fast_model: torch.nn.Module | None = self._optimized() if optimize else None
+
+    def _optimized(self) -> torch.nn.Module | None:
+        """A frozen TorchScript copy for CPU serving (batch norm folded into convolutions; about
+        half the eager latency on a 2-core CPU), or None where it cannot be built. `self.model`
+        stays the eager module (Grad-CAM needs its gradients)."""
+        if self.device.type != "cpu":
+            return None
+        import warnings
+
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                example = torch.zeros(1, 3, self.size, self.size)
+                fast = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(self.model, example)))
+                expected = self.model(example + 0.5)
+                if not torch.allclose(fast(example + 0.5), expected, atol=1e-4, rtol=1e-3):
+                    return None
+            return fast
+        except Exception:  # an op TorchScript cannot freeze: the eager model serves
+            return None
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """RGB image -> (3, size, size) float tensor in 0..1, as validation saw it."""
@@ -137,9 +158,10 @@ class Predictor:
         """(N, 3, size, size) in 0..1 -> (N, classes) probabilities."""
         with torch.inference_mode():
             x = (batch.to(self.device) - self.mean) / self.std
-            probs = self.model(x).softmax(dim=1)
+            model = self.fast_model or self.model
+            probs = model(x).softmax(dim=1)
             if tta:
-                probs = (probs + self.model(x.flip(3)).softmax(dim=1)) / 2
+                probs = (probs + model(x.flip(3)).softmax(dim=1)) / 2
         return probs.cpu().numpy()
 
     def predict_images(self, images: Sequence[Image.Image], bs: int = 64, tta: bool = False) -> np.ndarray:
