@@ -161,12 +161,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     base = f"http://{shown}:{args.port}"
     print(f"serving {len(settings.classifiers)} dashboard(s); open:", flush=True)
-    print(f"  index    {base}/voila/render/index.ipynb")
+    print(f"  {'index':<12} {base}/voila/render/index.ipynb")
     for name, spec in settings.classifiers.items():
         state = "" if (spec.models_dir / "model.json").is_file() else f"  (no model yet: toolkit train {name})"
-        print(f"  {name:<8} {base}/voila/render/{name}.ipynb{state}")
+        print(f"  {name:<12} {base}/voila/render/{name}.ipynb{state}")
     clean_state = "" if (apps / CLEAN_APP).is_file() else "  (not installed yet)"
-    print(f"  cleaning {base}/voila/render/{CLEAN_APP}{clean_state}")
+    print(f"  {'cleaning':<12} {base}/voila/render/{CLEAN_APP}{clean_state}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: bound to {args.host}: anyone who can reach this machine can use the dashboards")
     if preheated:
         print(f"preheated kernels: {', '.join(preheated)}")
     print("Ctrl-C stops the server.", flush=True)
