@@ -88,6 +88,19 @@ def test_cli_apps(tmp_path):
     assert (tmp_path / "apps" / "gamma.ipynb").is_file() and "gamma.ipynb" in result.stdout
 
 
+def test_preheat_setting_and_voila_args(tmp_path):
+    from toolkit.settings import load_settings
+    from toolkit.voila import preheat_args
+
+    (tmp_path / "settings.ini").write_text("[a]\npreheat = yes\n\n[b]\n")
+    settings = load_settings(tmp_path / "settings.ini")
+    assert settings.get("a").preheat and not settings.get("b").preheat
+    args = preheat_args(["a"], ["b", "index"])
+    assert "--preheat_kernel=True" in args and "--pool_size=1" in args
+    assert "--VoilaKernelManager.preheat_denylist=b.ipynb" in args
+    assert preheat_args([], ["b"]) == []
+
+
 def test_every_app_notebook_executes_headlessly(trained_project, monkeypatch):
     """nbclient runs each generated notebook in a real kernel, with the cwd Voilà uses (apps/)."""
     import nbformat

@@ -146,13 +146,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     write_apps(settings)
     apps = settings.root / "apps"
-    extra = []
+    from .voila import preheat_args
+
     preheated = [name for name, spec in settings.classifiers.items() if spec.preheat]
-    if preheated:
-        # one warm kernel per preheated dashboard; every other notebook starts its kernel on demand
-        extra += ["--preheat_kernel=True", "--pool_size=1"]
-        others = [n for n in settings.classifiers if n not in preheated] + ["index", "clean"]
-        extra += [f"--VoilaKernelManager.preheat_denylist={name}.ipynb" for name in others]
+    extra = preheat_args(preheated, [n for n in settings.classifiers if n not in preheated] + ["index", "clean"])
     env = dict(os.environ, TOOLKIT_SETTINGS=str(settings.path))
     log = apps / f".voila-{args.port}.log"
     print(f"starting Voila on {apps} (log: {log}) ...", flush=True)

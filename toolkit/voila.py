@@ -41,6 +41,15 @@ def voila_command(path: str | Path, port: int, host: str = "127.0.0.1",
             "--Voila.port_retries=0", "--strip_sources=True", *extra_args]
 
 
+def preheat_args(preheated: Sequence[str], others: Sequence[str]) -> list[str]:
+    """Voila options for one warm kernel per notebook in `preheated` (names without .ipynb) and
+    none for `others` (they start a kernel when a page opens)."""
+    if not preheated:
+        return []
+    return ["--preheat_kernel=True", "--pool_size=1",
+            *[f"--VoilaKernelManager.preheat_denylist={name}.ipynb" for name in others]]
+
+
 def launch_voila(path: str | Path, port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None,
                  *, log_path: str | Path | None = None, extra_args: Sequence[str] = (),
                  timeout: float = 120, cwd: str | Path | None = None) -> subprocess.Popen:
