@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -147,6 +148,60 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_apps(args: argparse.Namespace) -> int:
+    """Write apps/NAME.ipynb for every classifier of settings.ini, and apps/index.ipynb."""
+    from .apps import write_apps
+
+    for path in write_apps(_settings(args)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve every classifier's dashboard and the cleaning app with Voila (until Ctrl-C)."""
+    from .apps import CLEAN_APP, write_apps
+    from .voila import launch_voila, stop_voila
+
+    settings = _settings(args)
+    write_apps(settings)
+    apps = settings.root / "apps"
+    from .voila import preheat_args
+
+    preheated = [name for name, spec in settings.classifiers.items() if spec.preheat]
+    extra = preheat_args(preheated, [n for n in settings.classifiers if n not in preheated] + ["index", "clean"])
+    env = dict(os.environ, TOOLKIT_SETTINGS=str(settings.path))
+    log = apps / f".voila-{args.port}.log"
+    print(f"starting Voila on {apps} (log: {log}) ...", flush=True)
+    proc = launch_voila(apps, args.port, args.host, env, log_path=log, extra_args=extra, cwd=settings.root,
+                        timeout=args.timeout)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    base = f"http://{shown}:{args.port}"
+    print(f"serving {len(settings.classifiers)} dashboard(s); open:", flush=True)
+    print(f"  {'index':<12} {base}/voila/render/index.ipynb")
+    for name, spec in settings.classifiers.items():
+        state = "" if (spec.models_dir / "model.json").is_file() else f"  (no model yet: toolkit train {name})"
+        print(f"  {name:<12} {base}/voila/render/{name}.ipynb{state}")
+    clean_state = "" if (apps / CLEAN_APP).is_file() else "  (not installed yet)"
+    print(f"  {'cleaning':<12} {base}/voila/render/{CLEAN_APP}{clean_state}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: bound to {args.host}: anyone who can reach this machine can use the dashboards")
+    if preheated:
+        print(f"preheated kernels: {', '.join(preheated)}")
+    print("Ctrl-C stops the server.", flush=True)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops Voila and its kernels too
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        print("stopping Voila ...", file=sys.stderr)
+    finally:
+        stop_voila(proc)
+    return 0 if proc.returncode in (0, -15, None) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -197,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("files", nargs="+")
     p.add_argument("--json", action="store_true")
+
+    add("apps", cmd_apps)
+
+    p = add("serve", cmd_serve)
+    p.add_argument("--port", type=int, default=8866)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for Voila to start")
     return parser
 
 

@@ -171,6 +171,7 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "valid_pct": (float, "0.2", "validation fraction for split = random or group"),
     "group": (_parse_regex, "", "regex on the file name whose first group names the group"),
     "seed": (int, "42", "random seed for splits, sampling and training"),
+    "preheat": (_parse_bool, "no", "`toolkit serve` keeps a pre-heated Voila kernel for this dashboard"),
 }
 
 
@@ -207,6 +208,7 @@ class ClassifierSpec:
     valid_pct: float = 0.2
     group: str = ""
     seed: int = 42
+    preheat: bool = False
 
     @property
     def scrape_dir(self) -> Path:

@@ -1,0 +1,391 @@
+"""The classifier dashboard that `apps/NAME.ipynb` shows (served by Voilà, see `toolkit serve`).
+
+All logic lives here; the app notebooks are two lines. One `ClassifierDashboard` per page:
+
+- title and description from settings.ini, and a model card from models/NAME/ (model.json,
+  metrics.json, evaluation/metrics.json);
+- an upload control (ipywidgets 8 `FileUpload.value`: a tuple of dicts with name, type, size,
+  content) for one or several images; per image a thumbnail, the top predictions with
+  probability bars and the inference time; a Grad-CAM overlay (toggle);
+- a "wrong? the right label is ..." control that writes the image into the feedback folder:
+
+      feedback/NAME/<label>/<UTC timestamp>_<original stem>.jpg   the upright RGB image (JPEG)
+      feedback/NAME/feedback.jsonl                                 one line per saved image:
+          {"time", "file" (relative to feedback/NAME), "label", "predicted", "probability",
+           "probs", "original_name", "sha256", "model_created"}
+
+  The feedback folder is laid out like a data folder (<class>/<file>), so the cleaner can list it
+  and `toolkit train NAME --data feedback/NAME` (or merging it into the next data set) can use
+  it; raw scrape/ data is never modified.
+
+The pickle-free model is loaded once per kernel (`get_predictor` caches it per model folder and
+weights file version); `load_learner` is never used. Every callback catches its errors and shows
+one line in the page, so the kernel survives any upload. Widgets carry stable CSS classes
+(`toolkit-*`) for tests and styling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import json
+import os
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+from PIL import Image
+
+from .errors import ToolkitError
+from .images import MAX_PIXELS, open_image
+from .model_io import META_FILE, WEIGHTS_FILE, Predictor
+from .settings import ClassifierSpec, load_settings
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file; bigger uploads get a one-line message
+MAX_FILES = 16  # per upload
+TOP_K = 5
+THUMB = 192  # thumbnail long side in pixels
+KEEP = 1024  # long side kept in memory for Grad-CAM and feedback
+SETTINGS_ENV = "TOOLKIT_SETTINGS"
+THREADS_ENV = "TOOLKIT_THREADS"  # torch threads per dashboard kernel (default 1, see docs/ARCHITECTURE.md)
+
+_PREDICTORS: dict[tuple[str, int], Predictor] = {}
+
+
+def get_predictor(folder: str | Path) -> Predictor:
+    """The Predictor of models/NAME, loaded once per process (reloaded when the weights change)."""
+    folder = Path(folder).resolve()
+    weights = folder / WEIGHTS_FILE
+    if not (folder / META_FILE).is_file() or not weights.is_file():
+        raise ToolkitError(f"no trained model in {folder}")
+    key = (str(folder), weights.stat().st_mtime_ns)
+    if key not in _PREDICTORS:
+        for old in [k for k in _PREDICTORS if k[0] == key[0]]:
+            del _PREDICTORS[old]
+        _PREDICTORS[key] = Predictor(folder, device="cpu", optimize=True)
+    return _PREDICTORS[key]
+
+
+def has_model(spec: ClassifierSpec) -> bool:
+    return (spec.models_dir / META_FILE).is_file() and (spec.models_dir / WEIGHTS_FILE).is_file()
+
+
+def find_settings(settings: str | Path | None = None) -> Path:
+    """settings.ini: the argument, else $TOOLKIT_SETTINGS, else ../settings.ini (apps/ is in the
+    project root), else ./settings.ini."""
+    if settings:
+        return Path(settings)
+    if os.environ.get(SETTINGS_ENV):
+        return Path(os.environ[SETTINGS_ENV])
+    parent = Path.cwd().parent / "settings.ini"
+    return parent if parent.is_file() else Path("settings.ini")
+
+
+def _png(img: Image.Image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, quality=90) if fmt == "JPEG" else img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _shrunk(img: Image.Image, side: int) -> Image.Image:
+    if max(img.size) <= side:
+        return img
+    copy = img.copy()
+    copy.thumbnail((side, side), Image.BILINEAR)
+    return copy
+
+
+def _safe_stem(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).stem).strip("-.") or "image"
+    return stem[:60]
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ToolkitError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _error_html(message: str) -> str:
+    return f'<div class="toolkit-error" style="color:#b00020">&#9888; {html.escape(message)}</div>'
+
+
+def probability_bars(probs: dict[str, float], k: int = TOP_K) -> str:
+    """The top-k labels with percentage and a bar, as HTML (stable classes for tests)."""
+    rows = []
+    for rank, (label, p) in enumerate(sorted(probs.items(), key=lambda kv: -kv[1])[:k]):
+        weight = "bold" if rank == 0 else "normal"
+        rows.append(
+            f'<div class="toolkit-pred" style="display:flex;align-items:center;gap:6px;margin:2px 0">'
+            f'<span class="toolkit-label" style="width:11em;font-weight:{weight}">{html.escape(label)}</span>'
+            f'<span style="display:inline-block;width:160px;height:12px;background:#eee">'
+            f'<span style="display:block;width:{p * 100:.1f}%;height:12px;background:#3b7dd8"></span></span>'
+            f'<span class="toolkit-prob">{p:.1%}</span></div>'
+        )
+    return '<div class="toolkit-preds">' + "".join(rows) + "</div>"
+
+
+def model_card_html(spec: ClassifierSpec, meta: dict[str, Any]) -> str:
+    """Classes, backbone, image size, training date, validation and evaluation metrics."""
+
+    def read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    metrics = read(spec.models_dir / "metrics.json")
+    evaluation = read(spec.models_dir / "evaluation" / "metrics.json")
+    rows = [
+        ("classes", ", ".join(meta.get("classes", []))),
+        ("backbone", f"{meta.get('arch', '?')}" + (" (ImageNet-pretrained)" if meta.get("pretrained") else "")),
+        ("image size", f"{meta.get('size', '?')} px, squished"),
+        ("trained", str(meta.get("created", "?")).replace("T", " ")),
+    ]
+    data = meta.get("data", {})
+    if data:
+        rows.append(("training data", f"{data.get('n_train', '?')} train / {data.get('n_valid', '?')} valid images"))
+    if "accuracy" in metrics:
+        rows.append(("validation accuracy", f"{metrics['accuracy']:.1%} on {metrics.get('n', '?')} images"))
+        per_class = metrics.get("per_class", {})
+        if per_class:
+            rows.append(("per-class F1", ", ".join(f"{c} {v.get('f1', 0):.2f}" for c, v in per_class.items())))
+    if "accuracy" in evaluation:
+        rows.append(("evaluation accuracy", f"{evaluation['accuracy']:.1%} on {evaluation.get('n', '?')} images"))
+    cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
+                    f"<td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f'<details open><summary><b>Model card</b></summary><table>{cells}</table></details>'
+
+
+class ImageResult:
+    """One uploaded image's card: thumbnail, predictions, time, Grad-CAM, feedback control."""
+
+    def __init__(self, board: ClassifierDashboard, name: str, img: Image.Image, probs: dict[str, float],
+                 seconds: float, decode_seconds: float, note: str = ""):
+        self.board, self.name, self.img, self.probs = board, name, img, probs
+        self.label = max(probs, key=probs.get)
+        self.thumb = widgets.Image(value=_png(_shrunk(img, THUMB)), format="jpeg")
+        self.thumb.add_class("toolkit-thumb")
+        self.cam = widgets.Image(format="jpeg", layout=widgets.Layout(display="none"))
+        self.cam.add_class("toolkit-cam")
+        self.cam_done = False
+        title = widgets.HTML(f"<b class='toolkit-name'>{html.escape(name)}</b>"
+                             + (f" <i>({html.escape(note)})</i>" if note else ""))
+        self.preds = widgets.HTML(probability_bars(probs))
+        self.preds.add_class("toolkit-predictions")
+        self.timing = widgets.HTML(
+            f'<span class="toolkit-time">inference {seconds * 1000:.0f} ms '
+            f'(decoding {decode_seconds * 1000:.0f} ms)</span>')
+        self.right = widgets.Combobox(options=list(board.classes), placeholder="the right label is ...",
+                                      ensure_option=False, layout=widgets.Layout(width="14em"))
+        self.right.add_class("toolkit-right-label")
+        self.save = widgets.Button(description="Save feedback", icon="check", tooltip="save into the feedback folder")
+        self.save.add_class("toolkit-save-feedback")
+        self.saved = widgets.HTML()
+        self.saved.add_class("toolkit-feedback-status")
+        self.save.on_click(lambda _: self.board._guard(self.save_feedback, self.saved))
+        feedback = widgets.HBox([widgets.HTML("wrong?"), self.right, self.save, self.saved])
+        info = widgets.VBox([title, self.preds, self.timing, feedback])
+        self.box = widgets.HBox([self.thumb, self.cam, info], layout=widgets.Layout(margin="6px 0"))
+        self.box.add_class("toolkit-result")
+
+    def show_cam(self, on: bool) -> None:
+        if on and not self.cam_done:
+            from .explain import explain
+
+            self.cam.value = _png(_shrunk(explain(self.board.predictor, _shrunk(self.img, 512)), THUMB))
+            self.cam_done = True
+        self.cam.layout.display = None if on else "none"
+
+    def save_feedback(self) -> Path:
+        label = (self.right.value or "").strip()
+        if not label:
+            raise ToolkitError("type or pick the right label first")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}", label):
+            raise ToolkitError(f"label {label!r}: use letters, digits, spaces, '.', '_' or '-'")
+        path = self.board.save_feedback(self.img, label, self.name, self.probs)
+        self.saved.value = f'<span class="toolkit-ok">saved as {html.escape(label)}: {html.escape(path.name)}</span>'
+        return path
+
+
+class ClassifierDashboard:
+    """The dashboard of one classifier: `ClassifierDashboard("NAME", "settings.ini")` or a spec."""
+
+    def __init__(self, spec: ClassifierSpec | str, settings: str | Path | None = None):
+        self.spec = spec if isinstance(spec, ClassifierSpec) else load_settings(find_settings(settings)).get(spec)
+        self.feedback_dir = self.spec.root / "feedback" / self.spec.name
+        self.results: list[ImageResult] = []
+        self.predictor: Predictor | None = None
+        self.classes: list[str] = []
+        spec = self.spec
+        description = spec.description or ""
+        self.header = widgets.HTML(f"<h2 class='toolkit-title'>{html.escape(spec.display_title)}</h2>"
+                                   + (f"<p class='toolkit-description'>{html.escape(description)}</p>"
+                                      if description else ""))
+        self.status = widgets.HTML()
+        self.status.add_class("toolkit-status")
+        self.output = widgets.VBox()
+        self.output.add_class("toolkit-results")
+        self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload images")
+        self.upload.add_class("toolkit-upload")
+        self.cam_toggle = widgets.Checkbox(value=False, description="Grad-CAM heatmap", indent=False)
+        self.cam_toggle.add_class("toolkit-cam-toggle")
+        self.card = widgets.HTML()
+        self.card.add_class("toolkit-model-card")
+        try:
+            if not has_model(spec):
+                self.card.value = self.no_model_html()
+                self.card.add_class("toolkit-no-model")
+                self.upload.disabled = True
+            else:
+                self.predictor = get_predictor(spec.models_dir)
+                self.classes = list(self.predictor.classes)
+                self.card.value = model_card_html(spec, self.predictor.meta)
+        except Exception as exc:  # a broken model folder: say so, keep the page alive
+            self.predictor = None
+            self.upload.disabled = True
+            self.card.value = _error_html(f"cannot load the model: {_one_line(exc)}")
+        self.upload.observe(self._on_upload, names="value")
+        self.cam_toggle.observe(self._on_toggle, names="value")
+        controls = widgets.HBox([self.upload, self.cam_toggle])
+        self.widget = widgets.VBox([self.header, controls, self.status, self.output, self.card])
+        self.widget.add_class("toolkit-dashboard")
+
+    # --------------------------------------------------------------- display
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def no_model_html(self) -> str:
+        spec = self.spec
+        return (f"<div class='toolkit-no-model'><b>No trained model for {html.escape(spec.name)} yet.</b> "
+                f"Train it in the project folder <code>{html.escape(str(spec.root))}</code> with "
+                f"<code>toolkit train {html.escape(spec.name)}</code>, then reload this page.</div>")
+
+    # --------------------------------------------------------------- callbacks
+
+    def _guard(self, action, where: widgets.HTML) -> Any:
+        """Run a callback; any error becomes one line in `where` (the kernel survives)."""
+        try:
+            where.value = ""
+            return action()
+        except Exception as exc:
+            where.value = _error_html(_one_line(exc))
+            return None
+
+    def _on_upload(self, change) -> None:
+        files = change["new"]
+        if not files:
+            return
+        self._guard(lambda: self.handle_files(files), self.status)
+        try:
+            self.upload.value = ()  # so that uploading the same file again is seen
+        except Exception:  # pragma: no cover - never fatal
+            pass
+
+    def _on_toggle(self, change) -> None:
+        def apply():
+            for result in self.results:
+                result.show_cam(bool(change["new"]))
+
+        self._guard(apply, self.status)
+
+    # --------------------------------------------------------------- work
+
+    def handle_files(self, files) -> list[ImageResult]:
+        """Predict each uploaded file (dicts with name and content); bad files get one line each."""
+        if self.predictor is None:
+            raise ToolkitError(f"no trained model: run `toolkit train {self.spec.name}` first")
+        files = list(files)
+        boxes: list[widgets.Widget] = []
+        self.results = []
+        if len(files) > MAX_FILES:
+            boxes.append(widgets.HTML(_error_html(f"{len(files)} files: only the first {MAX_FILES} are shown")))
+            files = files[:MAX_FILES]
+        for item in files:
+            name = str(item.get("name") or "upload")
+            try:
+                result = self.predict_upload(name, item.get("content", b""))
+            except Exception as exc:
+                message = _one_line(exc)
+                if not message.startswith(name):
+                    message = f"{name}: {message}"
+                boxes.append(widgets.HTML(_error_html(message)))
+                continue
+            self.results.append(result)
+            boxes.append(result.box)
+        self.output.children = tuple(boxes)
+        if self.cam_toggle.value:
+            for result in self.results:
+                result.show_cam(True)
+        return self.results
+
+    def predict_upload(self, name: str, content) -> ImageResult:
+        data = bytes(content) if content is not None else b""
+        started = time.perf_counter()
+        img = open_image(data, name=name, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
+        note = ""
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                if getattr(probe, "is_animated", False):
+                    note = f"animated, first of {getattr(probe, 'n_frames', '?')} frames"
+        except Exception:
+            pass
+        img = _shrunk(img, KEEP)
+        decoded = time.perf_counter()
+        probs = self.predictor.predict_images([img])[0]
+        seconds = time.perf_counter() - decoded
+        return ImageResult(self, name, img, dict(zip(self.classes, map(float, probs), strict=True)), seconds,
+                           decoded - started, note)
+
+    def save_feedback(self, img: Image.Image, label: str, original_name: str,
+                      probs: dict[str, float] | None = None) -> Path:
+        """Write feedback/NAME/<label>/<timestamp>_<stem>.jpg and a feedback.jsonl line."""
+        now = datetime.now(timezone.utc)
+        folder = self.feedback_dir / label
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}_{_safe_stem(original_name)}"
+        path = folder / f"{stem}.jpg"
+        counter = 1
+        while path.exists():
+            path = folder / f"{stem}-{counter}.jpg"
+            counter += 1
+        data = _png(img.convert("RGB"), "JPEG")
+        path.write_bytes(data)
+        predicted = max(probs, key=probs.get) if probs else None
+        line = {"time": now.isoformat(timespec="seconds"), "file": str(path.relative_to(self.feedback_dir)),
+                "label": label, "predicted": predicted,
+                "probability": round(probs[predicted], 5) if predicted else None,
+                "probs": {k: round(v, 5) for k, v in (probs or {}).items()},
+                "original_name": original_name, "sha256": hashlib.sha256(data).hexdigest(),
+                "model_created": (self.predictor.meta.get("created") if self.predictor else None)}
+        with open(self.feedback_dir / "feedback.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+        return path
+
+
+def dashboard(name: str, settings: str | Path | None = None) -> ClassifierDashboard | widgets.HTML:
+    """What an app notebook shows: the dashboard, or one line saying what is wrong.
+
+    Sets this kernel's torch threads to $TOOLKIT_THREADS (default 1): Voila runs one kernel per
+    page, and on a small CPU several multi-threaded kernels oversubscribe the cores (measured on
+    2 busy cores: 62 ms median per forward with 2 threads, 12 ms with 1).
+    """
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get(THREADS_ENV) or 1)))
+    except ValueError:
+        pass
+    try:
+        return ClassifierDashboard(name, settings)
+    except Exception as exc:
+        box = widgets.HTML(_error_html(_one_line(exc)))
+        box.add_class("toolkit-dashboard")
+        return box
+

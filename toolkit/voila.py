@@ -1,0 +1,122 @@
+"""Start and stop Voilà: one process group, a log file, readiness by log line and TCP connect.
+
+Facts this follows (measured, see the project's notes): `--Voila.port_retries=0` or Voilà moves
+to another port silently; readiness is the `running at` log line plus a TCP connect (a page GET
+would start a kernel); output goes to a file (an unread pipe can block); Voilà stops its kernels
+on SIGTERM, and a killpg of its own session cleans up whatever is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ToolkitError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _connects(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def voila_command(path: str | Path, port: int, host: str = "127.0.0.1",
+                  extra_args: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "voila", str(path), "--no-browser", f"--port={port}", f"--Voila.ip={host}",
+            "--Voila.port_retries=0", "--strip_sources=True", *extra_args]
+
+
+def preheat_args(preheated: Sequence[str], others: Sequence[str]) -> list[str]:
+    """Voila options for one warm kernel per notebook in `preheated` (names without .ipynb) and
+    none for `others` (they start a kernel when a page opens)."""
+    if not preheated:
+        return []
+    return ["--preheat_kernel=True", "--pool_size=1",
+            *[f"--VoilaKernelManager.preheat_denylist={name}.ipynb" for name in others]]
+
+
+def launch_voila(path: str | Path, port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None,
+                 *, log_path: str | Path | None = None, extra_args: Sequence[str] = (),
+                 timeout: float = 120, cwd: str | Path | None = None) -> subprocess.Popen:
+    """Start Voilà on a notebook or folder and return once it accepts connections.
+
+    The process runs in its own session (`stop_voila` can kill the whole group); its output goes
+    to `log_path` (default: a temporary file), which is `proc.log_path`. Raises ToolkitError
+    with the log's last lines when Voilà exits or is not ready within `timeout` seconds.
+    """
+    if log_path is None:
+        handle, name = tempfile.mkstemp(prefix=f"voila-{port}-", suffix=".log")
+        os.close(handle)
+        log_path = name
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(voila_command(path, port, host, extra_args), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ToolkitError(f"Voilà exited with code {proc.returncode} before it was ready: {_tail(log_path)}")
+        text = log_path.read_text(errors="replace")
+        if "running at" in text and f":{port}/" in text and _connects(connect_host, port):
+            return proc
+        time.sleep(0.2)
+    stop_voila(proc)
+    raise ToolkitError(f"Voilà was not ready on port {port} within {timeout:.0f} s: {_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop_voila(proc: subprocess.Popen, grace: float = 10) -> int | None:
+    """SIGTERM (Voilà then stops its kernels), wait, then SIGKILL the process group and any
+    kernel left (kernels run in sessions of their own)."""
+    children = []
+    try:
+        import psutil
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # psutil missing, or the process is gone
+        pass
+    if proc.poll() is None:
+        try:
+            proc.terminate()
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # kernels or helpers left in Voilà's session
+    except (ProcessLookupError, PermissionError):
+        pass
+    for child in children:
+        try:
+            if child.is_running():
+                child.kill()
+        except Exception:
+            pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+    return proc.returncode
