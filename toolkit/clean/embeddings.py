@@ -28,7 +28,8 @@ def _read_cache(path: Path) -> dict[str, tuple[np.ndarray, str]]:
         return {}
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {h: (e, p) for h, e, p in zip(data["sha256"].tolist(), data["embeddings"], data["phash"].tolist(), strict=False)}
+            keys, phashes = data["sha256"].tolist(), data["phash"].tolist()
+            return {h: (e, p) for h, e, p in zip(keys, data["embeddings"], phashes, strict=True)}
     except Exception:  # a damaged cache is rebuilt, never trusted
         return {}
 
