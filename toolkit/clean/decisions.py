@@ -118,6 +118,14 @@ class DecisionLog:
                       "file": target["file"]})
         return target
 
+    def clear(self, file: str) -> int:
+        """Cancel every live decision for one file (back to undecided); returns how many."""
+        targets = [d for d in self.live() if d["file"] == file]
+        for target in targets:
+            self._append({"id": uuid.uuid4().hex[:12], "time": _now(), "action": "undo", "target": target["id"],
+                          "file": file})
+        return len(targets)
+
     def undo_all(self) -> int:
         """Cancel every decision so far; returns how many were live."""
         n = len(self.live())

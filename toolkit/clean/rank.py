@@ -237,7 +237,7 @@ def _percentile_rank(values: np.ndarray) -> np.ndarray:
 
 
 def outlier_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[str], emb: np.ndarray,
-                  probs: np.ndarray, splits: Sequence[str], *, k: int = 5, z: float = 3.0) -> list[dict[str, Any]]:
+                  probs: np.ndarray, splits: Sequence[str], *, k: int = 5, z: float = 2.5) -> list[dict[str, Any]]:
     """Every image with an outlier score (0..1, high = unlike any class), most unusual first;
     `outlier` is true where the kNN distance is a robust-z > `z` above the median."""
     n = len(rel)
