@@ -127,8 +127,8 @@ class DecisionLog:
         return len(targets)
 
     def undo_all(self) -> int:
-        """Cancel every decision so far; returns how many were live."""
-        n = len(self.live())
+        """Cancel every decision so far; returns how many files had one."""
+        n = len(self.state())
         if n:
             self._append({"id": uuid.uuid4().hex[:12], "time": _now(), "action": "undo_all"})
         return n

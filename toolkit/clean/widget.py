@@ -103,7 +103,7 @@ class CleanerWidget(W.VBox):
     def __init__(self, spec: ClassifierSpec, data: Path | None = None, *, page_size: int = 12,
                  rankings: Rankings | None = None, raw: RawImages | None = None, size: int | None = None):
         self.spec, self.page_size, self._rendering = spec, page_size, False
-        self.log = DecisionLog(spec.cleaned_dir)
+        self.decisions = DecisionLog(spec.cleaned_dir)
         self.state: dict[str, dict[str, Any]] = {}
         self._thumbs: dict[str, bytes] = {}
         self.tiles: list[Tile] = []
@@ -226,7 +226,7 @@ class CleanerWidget(W.VBox):
         self.render()
 
     def render(self) -> None:
-        self.state = self.log.state()
+        self.state = self.decisions.state()
         rows = self.rows()
         self.page = max(0, min(self.page, self.n_pages - 1))
         chunk = rows[self.page * self.page_size : (self.page + 1) * self.page_size]
@@ -265,7 +265,7 @@ class CleanerWidget(W.VBox):
         self._summarise()
 
     def _summarise(self) -> None:
-        waiting = pending(self.log)
+        waiting = pending(self.decisions)
         counts: dict[str, int] = {}
         for d in waiting.values():
             counts[d["action"]] = counts.get(d["action"], 0) + 1
@@ -280,7 +280,7 @@ class CleanerWidget(W.VBox):
                               f"{len(waiting)}</span> ({parts}); {last}.</div>")
 
     def _refresh_tiles(self) -> None:
-        self.state = self.log.state()
+        self.state = self.decisions.state()
         for tile in self.tiles:
             tile.refresh()
         self._summarise()
@@ -292,11 +292,11 @@ class CleanerWidget(W.VBox):
         """Record the choice for one file (value as in the tile's menu: keep, delete, 'relabel to X', —)."""
         reason = reason or f"widget: {self.view_select.value}"
         if value == NO_DECISION:
-            self.log.clear(file)
+            self.decisions.clear(file)
         elif value.startswith("relabel to "):
-            self.log.record(file, "relabel", value[len("relabel to "):], reason=reason, source="widget")
+            self.decisions.record(file, "relabel", value[len("relabel to "):], reason=reason, source="widget")
         else:
-            self.log.record(file, value, reason=reason, source="widget")
+            self.decisions.record(file, value, reason=reason, source="widget")
         self._refresh_tiles()
 
     @_safe
@@ -305,7 +305,7 @@ class CleanerWidget(W.VBox):
         for tile in self.tiles:
             if action == "relabel" and tile.row.get("given") == label:
                 continue
-            self.log.record(tile.file, action, label, reason=f"widget bulk: {self.view_select.value}",
+            self.decisions.record(tile.file, action, label, reason=f"widget bulk: {self.view_select.value}",
                             source="widget")
         self._refresh_tiles()
 
@@ -313,26 +313,26 @@ class CleanerWidget(W.VBox):
     def keep_one(self, chosen: Tile) -> None:
         group = next((g for g in self.rankings.duplicates if chosen.file in g["files"]), None)
         for file in group["files"] if group else [chosen.file]:
-            self.log.record(file, "keep" if file == chosen.file else "delete",
+            self.decisions.record(file, "keep" if file == chosen.file else "delete",
                             reason=f"duplicate of {chosen.file}" if file != chosen.file else "kept one of duplicates",
                             source="widget")
         self._refresh_tiles()
 
     @_safe
     def undo(self) -> None:
-        undone = self.log.undo()
+        undone = self.decisions.undo()
         self.status.value = f"undid {undone['action']} {html.escape(undone['file'])}" if undone else "nothing to undo"
         self._refresh_tiles()
 
     @_safe
     def preview(self) -> None:
-        diff = dry_run(self.raw, self.log)
+        diff = dry_run(self.raw, self.decisions)
         self.status.value = (f"apply would add {len(diff['add'])}, remove {len(diff['remove'])} and move "
                              f"{len(diff['move'])} files in {html.escape(str(self.spec.cleaned_dir))}")
 
     @_safe
     def apply(self) -> dict[str, Any]:
-        result = apply_decisions(self.raw, self.log)
+        result = apply_decisions(self.raw, self.decisions)
         self.status.value = (f"<span class='clean-applied'>applied</span>: {result['kept']} images in "
                              f"{html.escape(result['folder'])} ({result['deleted']} deleted, "
                              f"{result['relabelled']} relabelled)")
