@@ -387,10 +387,11 @@ def test_browser_mark_switch_back_apply(project, spec, ranked, tmp_path):
            "PYTHONPATH": f"{OFFLINE}:{REPO}"}
     process, url = launch_voila(notebook, port, "127.0.0.1", env, log_file=log_file)
     try:
-        deadline = time.time() + 60
-        while f"running at: http://127.0.0.1:{port}/" not in log_file.read_text():
+        deadline = time.time() + 120
+        while f"http://127.0.0.1:{port}/" not in log_file.read_text():
             assert process.poll() is None and time.time() < deadline, log_file.read_text()
             time.sleep(0.3)
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
         errors = []
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
@@ -404,17 +405,17 @@ def test_browser_mark_switch_back_apply(project, spec, ranked, tmp_path):
                 page.goto(url, wait_until="domcontentloaded")
                 page.locator(".clean-tile-0").wait_for(timeout=150_000)
                 page.locator(".clean-class select").select_option("hat")
-                tile = page.locator(".clean-tile-0")
-                page.wait_for_function("document.querySelector('.clean-page').textContent.includes('images')")
+                tile = page.locator(".clean-tile-0", has_text="given: hat")
+                tile.wait_for(timeout=30_000)
                 name = tile.locator("b").first.inner_text(timeout=30_000)
                 tile.locator(".clean-decision select").select_option("delete")
                 decisions = spec.cleaned_dir / "decisions.jsonl"
                 deadline = time.time() + 30
                 while not (decisions.is_file() and f"hat/{name}" in decisions.read_text()):
-                    assert time.time() < deadline, "the decision was not written"
+                    assert time.time() < deadline, (name, decisions.read_text() if decisions.is_file() else "")
                     time.sleep(0.2)
                 page.locator(".clean-class select").select_option("pants")
-                page.locator(".clean-tile-0").filter(has_not_text=name).wait_for(timeout=30_000)
+                page.locator(".clean-tile-0", has_text="given: pants").wait_for(timeout=30_000)
                 page.locator(".clean-class select").select_option("hat")
                 marked = page.locator(".clean-tile", has_text=name)
                 marked.wait_for(timeout=30_000)
