@@ -343,12 +343,15 @@ def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_
     probs = out_of_fold_probs(emb, y, len(raw.classes), folds=folds, seed=spec.seed)
     issues = label_issue_table(rel, raw.labels, raw.classes, probs, splits)
     times["label_issues"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dups = duplicate_groups(rel, raw.labels, splits, sha, phash, emb)
-    times["duplicates"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    outs = outlier_table(rel, raw.labels, raw.classes, emb, probs, splits)
-    times["outliers"] = time.perf_counter() - t0
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # small matrix products: one BLAS thread is fastest on a busy machine
+        t0 = time.perf_counter()
+        dups = duplicate_groups(rel, raw.labels, splits, sha, phash, emb)
+        times["duplicates"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outs = outlier_table(rel, raw.labels, raw.classes, emb, probs, splits)
+        times["outliers"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses = top_losses(spec, raw) if with_model else []
     times["top_losses"] = time.perf_counter() - t0
