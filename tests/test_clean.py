@@ -431,3 +431,36 @@ def test_browser_mark_switch_back_apply(project, spec, ranked, tmp_path):
         assert raw_hashes(project["raw"]) == project["hashes"]
     finally:
         stop_voila(process)
+
+
+def test_cli_clean_opens_voila_and_stops_on_ctrl_c(project, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "toolkit", "clean", "c", "--port", str(port)],
+                               cwd=project["root"], env=cli_env(JUPYTER_DATA_DIR=str(tmp_path)),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line, line
+        deadline = time.time() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "Voila did not start"
+                time.sleep(0.5)
+        assert (project["root"] / "apps" / "clean.ipynb").is_file()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
