@@ -71,6 +71,10 @@ def write_apps(settings: Settings | str | Path = "settings.ini", apps_dir: Path 
         written.append(path)
     index = folder / INDEX_APP
     _write_if_changed(index, index_notebook(settings))
+    if not (folder / CLEAN_APP).is_file():
+        from .clean.notebook import write_clean_notebook
+
+        write_clean_notebook(folder / CLEAN_APP)
     for stale in folder.glob("*.ipynb"):
         if stale in written or stale.name in (CLEAN_APP, INDEX_APP):
             continue

@@ -202,6 +202,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if proc.returncode in (0, -15, None) else 1
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Rank and clean a classifier's raw images: the Voila widget, --report [--json] or --apply."""
+    spec = _spec(args)
+    if args.report or args.apply or args.dry_run or args.undo or args.undo_all:
+        from .clean.decisions import DecisionLog, apply_decisions
+        from .clean.rank import list_raw_images
+
+        log = DecisionLog(spec.cleaned_dir)
+        if args.undo or args.undo_all:
+            if args.undo_all:
+                print(f"undid {log.undo_all()} decision(s)")
+            else:
+                undone = log.undo()
+                print(f"undid {undone['action']} {undone['file']}" if undone else "nothing to undo")
+        if args.report:
+            from .clean.rank import rank, write_report
+
+            rankings = rank(spec, args.data, size=args.size, with_model=not args.no_model)
+            written = write_report(rankings, spec.cleaned_dir)
+            if args.json:
+                print(json.dumps(rankings.summary()))
+            else:
+                summary = rankings.summary()
+                print(f"{len(summary['label_issues'])} label issues, {len(summary['duplicates'])} duplicate groups, "
+                      f"{len(summary['outliers'])} outliers, {len(rankings.broken)} broken; "
+                      f"wrote {written['json']} and CSVs beside it")
+        if args.apply or args.dry_run:
+            result = apply_decisions(list_raw_images(spec, args.data), log, dry=args.dry_run)
+            if args.json and not args.report:
+                print(json.dumps(result))
+            elif args.dry_run:
+                print(f"apply would add {len(result['add'])}, remove {len(result['remove'])} and move "
+                      f"{len(result['move'])} file(s)")
+                for kind in ("add", "remove", "move"):
+                    for item in result[kind]:
+                        print(f"  {kind} {' -> '.join(item) if isinstance(item, list) else item}")
+            else:
+                print(f"applied: {result['kept']} images in {result['folder']} ({result['deleted']} deleted, "
+                      f"{result['relabelled']} relabelled; {result['linked']} hard links, {result['copied']} copies)")
+        return 0
+    from .clean.notebook import write_clean_notebook
+    from .voila import launch_voila, stop_voila
+
+    notebook = spec.root / "apps" / "clean.ipynb"
+    if not notebook.is_file():
+        write_clean_notebook(notebook)
+    env = dict(os.environ, TOOLKIT_CLASSIFIER=spec.name, TOOLKIT_SETTINGS=str(Path(args.settings).resolve()))
+    if args.data:
+        env["TOOLKIT_DATA"] = str(Path(args.data).resolve())
+    process = launch_voila(notebook, args.port, args.host, env, log_path=notebook.parent / f".voila-{args.port}.log",
+                           cwd=spec.root)
+    print(f"cleaning [{spec.name}] at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    try:
+        return process.wait()
+    finally:
+        stop_voila(process)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -247,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path)
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--json", action="store_true")
+
+    p = add("clean", cmd_clean)
+    p.add_argument("name")
+    p.add_argument("--data", type=Path, help="raw class folders (default: the data key, else scrape/NAME)")
+    p.add_argument("--report", action="store_true", help="write the rankings as CSV and JSON, no UI")
+    p.add_argument("--json", action="store_true", help="with --report: print one JSON object")
+    p.add_argument("--apply", action="store_true", help="materialise cleaned_data/NAME from the decisions")
+    p.add_argument("--dry-run", action="store_true", help="show what --apply would change")
+    p.add_argument("--undo", action="store_true", help="undo the last decision")
+    p.add_argument("--undo-all", action="store_true", help="undo every decision")
+    p.add_argument("--size", type=int, default=128, help="embedding image size (default 128)")
+    p.add_argument("--no-model", action="store_true", help="skip top losses even if models/NAME exists")
+    p.add_argument("--port", type=int, default=8866)
+    p.add_argument("--host", default="127.0.0.1")
 
     p = add("predict", cmd_predict)
     p.add_argument("name")

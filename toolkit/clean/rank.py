@@ -1,0 +1,399 @@
+"""Rankings over a classifier's raw images: what a person should look at first.
+
+1. top losses from a trained model (models/NAME), train and valid splits;
+2. out-of-fold label issues: k-fold logistic-regression heads on pretrained embeddings give
+   out-of-fold probabilities, ranked by cleanlab (no prior training needed);
+3. duplicates: exact (sha256) and near (perceptual hash, embedding cosine), as groups, tagged
+   within class / across classes / across train and valid (leaks);
+4. outliers, "not any of these classes": kNN distance in embedding space, distance to the nearest
+   class centroid and a low out-of-fold top probability, combined as percentile ranks;
+5. broken or odd images: verification failures and non-ok lines of scrape/NAME/manifest.jsonl.
+
+Files are named by their path relative to the raw root (scrape/NAME or the `data` folder).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import VALID_FOLDER_NAMES, _split_groups, _split_random, list_labelled_images
+from ..errors import ToolkitError
+from ..images import verify_images
+from ..settings import ClassifierSpec
+from .embeddings import DEFAULT_SIZE, compute_embeddings
+
+OK_STATUSES = {"ok", "downloaded", "kept", "ingested", "saved"}
+
+
+@dataclass
+class RawImages:
+    """The raw images of a classifier, named relative to `root`, with their given labels and split."""
+
+    root: Path
+    files: list[Path]
+    labels: list[str]
+    is_valid: list[bool]
+    classes: list[str]
+    broken: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def rel(self) -> list[str]:
+        return [relname(self.root, f) for f in self.files]
+
+    def split_of(self, i: int) -> str:
+        return "valid" if self.is_valid[i] else "train"
+
+
+def relname(root: Path, path: Path) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+def raw_root(spec: ClassifierSpec, data: Path | None = None) -> Path:
+    """--data, else the `data` key, else scrape/NAME (never cleaned_data: that is derived)."""
+    root = Path(data).resolve() if data else (spec.data_dir or spec.scrape_dir)
+    if not root.is_dir():
+        raise ToolkitError(f"no raw images for [{spec.name}] in {root}: run `toolkit scrape {spec.name}` "
+                           "or pass --data DIR")
+    return root
+
+
+def read_manifest(root: Path) -> list[dict[str, Any]]:
+    path = root / "manifest.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def list_raw_images(spec: ClassifierSpec, data: Path | None = None, *, verify: bool = True) -> RawImages:
+    """Labelled raw images and their split; undecodable files go to `broken`, with the reason."""
+    root = raw_root(spec, data)
+    valid_dir = next((root / n for n in VALID_FOLDER_NAMES if (root / n).is_dir()), None)
+    if (root / "train").is_dir() and valid_dir is not None:
+        tf, tl = list_labelled_images(root / "train")
+        vf, vl = list_labelled_images(valid_dir)
+        files, labels, is_valid = tf + vf, tl + vl, [False] * len(tf) + [True] * len(vf)
+    else:
+        files, labels = list_labelled_images(root)
+        is_valid = []
+    if spec.classes:
+        keep = [i for i, y in enumerate(labels) if y in set(spec.classes)]
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        is_valid = [is_valid[i] for i in keep] if is_valid else []
+    if not files:
+        raise ToolkitError(f"no image files in {root} (expected {root}/<class>/<image>)")
+    broken: list[dict[str, str]] = []
+    if verify:
+        _, bad = verify_images(files)
+        bad_set = {b.path for b in bad}
+        broken = [{"file": relname(root, b.path), "reason": b.reason, "source": "verify"} for b in bad]
+        keep = [i for i, f in enumerate(files) if f not in bad_set]
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        is_valid = [is_valid[i] for i in keep] if is_valid else []
+    if not is_valid:
+        if spec.split.startswith("group:"):
+            is_valid = _split_groups(files, spec.split.split(":", 1)[1], spec.valid_pct, spec.seed)
+        else:
+            fraction = float(spec.split.split(":", 1)[1]) if spec.split.startswith("random:") else spec.valid_pct
+            is_valid = _split_random(len(files), fraction, spec.seed)
+    known = {b["file"] for b in broken}
+    for row in read_manifest(root):
+        status = str(row.get("status", "ok")).lower()
+        if row.get("file") and status not in OK_STATUSES and row["file"] not in known:
+            broken.append({"file": str(row["file"]), "reason": f"manifest status {status}"
+                           + (f": {row['error']}" if row.get("error") else ""), "source": "manifest"})
+    return RawImages(root, files, labels, is_valid, sorted(set(labels)), broken)
+
+
+# ---------------------------------------------------------------- out-of-fold label issues
+
+
+def out_of_fold_probs(emb: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5,
+                      seed: int = 0, C: float = 1.0) -> np.ndarray:
+    """Out-of-fold predicted probabilities from k logistic-regression heads (stratified folds)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from threadpoolctl import threadpool_limits
+
+    counts = np.bincount(labels, minlength=n_classes)
+    k = int(max(2, min(folds, counts[counts > 0].min())))
+    probs = np.zeros((len(labels), n_classes), dtype=np.float64)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    # one BLAS thread: these fits are small, and multi-threaded BLAS on a busy 2-core machine spins
+    # (measured: 61 s with the default threads vs 0.5 s with one, 1,000 images x 1,280 features)
+    with threadpool_limits(1):
+        for train_idx, test_idx in splitter.split(emb, labels):
+            head = LogisticRegression(C=C, max_iter=300)
+            head.fit(emb[train_idx], labels[train_idx])
+            probs[np.ix_(test_idx, head.classes_)] = head.predict_proba(emb[test_idx])
+    probs = np.clip(probs, 1e-6, None)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def label_issue_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[str], probs: np.ndarray,
+                      splits: Sequence[str]) -> list[dict[str, Any]]:
+    """Every image with given, predicted, prob, score (label quality: low = suspicious), most suspicious first."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    y = np.array([classes.index(c) for c in labels])
+    scores = get_label_quality_scores(y, probs, method="self_confidence")
+    try:
+        flagged = find_label_issues(y, probs, filter_by="prune_by_noise_rate")
+    except Exception:  # tiny or degenerate sets: fall back to "the prediction disagrees"
+        flagged = probs.argmax(1) != y
+    rows = []
+    for i in np.argsort(scores, kind="stable"):
+        pred = int(probs[i].argmax())
+        rows.append({"file": rel[i], "given": labels[i], "predicted": classes[pred],
+                     "prob": round(float(probs[i, pred]), 5), "given_prob": round(float(probs[i, y[i]]), 5),
+                     "score": round(float(scores[i]), 5), "issue": bool(flagged[i]), "split": splits[i]})
+    return rows
+
+
+# ---------------------------------------------------------------- duplicates
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def duplicate_groups(rel: Sequence[str], labels: Sequence[str], splits: Sequence[str], sha: Sequence[str],
+                     phash: Sequence[str], emb: np.ndarray, *, max_hamming: int = 6,
+                     min_cosine: float = 0.97) -> list[dict[str, Any]]:
+    """Groups of exact (same sha256) or near (perceptual hash within `max_hamming` bits, or embedding
+    cosine >= `min_cosine`) copies; each says whether it crosses classes or train/valid."""
+    n = len(rel)
+    uf = _UnionFind(n)
+    exact_pairs: set[tuple[int, int]] = set()
+    first: dict[str, int] = {}
+    for i, h in enumerate(sha):
+        if h in first:
+            uf.union(first[h], i)
+            exact_pairs.add((first[h], i))
+        else:
+            first[h] = i
+    codes = np.array([int(p, 16) if p else 0 for p in phash], dtype=np.uint64)
+    has = np.array([bool(p) for p in phash])
+    for start in range(0, n, 512):
+        block = emb[start : start + 512]
+        sims = block @ emb.T
+        for a, b in zip(*np.nonzero(sims >= min_cosine), strict=False):
+            i = start + int(a)
+            if i < b and has[i] and has[b]:
+                uf.union(i, int(b))
+        if has.any():
+            dist = np.bitwise_count(codes[start : start + 512, None] ^ codes[None, :])
+            for a, b in zip(*np.nonzero(dist <= max_hamming), strict=False):
+                i = start + int(a)
+                if i < b and has[i] and has[b]:
+                    uf.union(i, int(b))
+    members: dict[int, list[int]] = {}
+    for i in range(n):
+        members.setdefault(uf.find(i), []).append(i)
+    groups = []
+    for idx in members.values():
+        if len(idx) < 2:
+            continue
+        exact = len({sha[i] for i in idx}) == 1
+        groups.append({"files": [rel[i] for i in idx], "labels": [labels[i] for i in idx],
+                       "splits": [splits[i] for i in idx], "kind": "exact" if exact else "near",
+                       "cross_class": len({labels[i] for i in idx}) > 1,
+                       "leak": len({splits[i] for i in idx}) > 1})
+    groups.sort(key=lambda g: (not g["leak"], not g["cross_class"], g["kind"] != "exact", g["files"][0]))
+    return groups
+
+
+# ---------------------------------------------------------------- outliers
+
+
+def _percentile_rank(values: np.ndarray) -> np.ndarray:
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    return ranks / max(1, len(values) - 1)
+
+
+def outlier_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[str], emb: np.ndarray,
+                  probs: np.ndarray, splits: Sequence[str], *, k: int = 5, z: float = 2.5) -> list[dict[str, Any]]:
+    """Every image with an outlier score (0..1, high = unlike any class), most unusual first;
+    `outlier` is true where the kNN distance is a robust-z > `z` above the median."""
+    n = len(rel)
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -np.inf)
+    kk = max(1, min(k, n - 1))
+    knn = 1 - np.sort(sims, axis=1)[:, -kk:].mean(axis=1)
+    y = np.array([classes.index(c) for c in labels])
+    centroids = np.stack([emb[y == c].mean(0) if (y == c).any() else np.zeros(emb.shape[1])
+                          for c in range(len(classes))])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-9
+    centroid_dist = 1 - (emb @ centroids.T).max(axis=1)
+    low_conf = 1 - probs.max(axis=1)
+    score = 0.5 * _percentile_rank(knn) + 0.25 * _percentile_rank(centroid_dist) + 0.25 * _percentile_rank(low_conf)
+    med = np.median(knn)
+    mad = np.median(np.abs(knn - med)) * 1.4826 + 1e-9
+    robust = (knn - med) / mad
+    rows = [{"file": rel[i], "given": labels[i], "predicted": classes[int(probs[i].argmax())],
+             "prob": round(float(probs[i].max()), 5), "score": round(float(score[i]), 5),
+             "knn_distance": round(float(knn[i]), 5), "centroid_distance": round(float(centroid_dist[i]), 5),
+             "outlier": bool(robust[i] > z), "split": splits[i]} for i in range(n)]
+    rows.sort(key=lambda r: (-r["outlier"], -r["score"]))
+    return rows
+
+
+# ---------------------------------------------------------------- top losses from a trained model
+
+
+def top_losses(spec: ClassifierSpec, raw: RawImages, *, model_dir: Path | None = None) -> list[dict[str, Any]]:
+    """In-sample losses of the trained model (models/NAME), highest first; [] when there is no model."""
+    from ..images import open_image
+    from ..model_io import META_FILE, Predictor
+
+    folder = Path(model_dir) if model_dir else spec.models_dir
+    if not (folder / META_FILE).is_file():
+        return []
+    predictor = Predictor(folder, device="cpu")
+    idx = [i for i, y in enumerate(raw.labels) if y in predictor.classes]
+    rows = []
+    for start in range(0, len(idx), 64):
+        chunk = idx[start : start + 64]
+        images = [open_image(raw.files[i], draft_size=predictor.size) for i in chunk]
+        probs = predictor.predict_images(images)
+        for i, p in zip(chunk, probs, strict=False):
+            given = predictor.classes.index(raw.labels[i])
+            pred = int(p.argmax())
+            rows.append({"file": relname(raw.root, raw.files[i]), "given": raw.labels[i],
+                         "predicted": predictor.classes[pred], "prob": round(float(p[pred]), 5),
+                         "loss": round(float(-np.log(max(float(p[given]), 1e-12))), 5),
+                         "score": round(float(p[given]), 5), "split": raw.split_of(i)})
+    rows.sort(key=lambda r: -r["loss"])
+    return rows
+
+
+# ---------------------------------------------------------------- everything at once
+
+
+@dataclass
+class Rankings:
+    root: Path
+    classes: list[str]
+    label_issues: list[dict[str, Any]]
+    duplicates: list[dict[str, Any]]
+    outliers: list[dict[str, Any]]
+    broken: list[dict[str, str]]
+    top_losses: list[dict[str, Any]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The CLI's --json object: files relative to the raw root."""
+        return {
+            "label_issues": [{k: r[k] for k in ("file", "given", "predicted", "prob", "score")}
+                             for r in self.label_issues if r["issue"]],
+            "duplicates": [g["files"] for g in self.duplicates],
+            "outliers": [{"file": r["file"], "score": r["score"]} for r in self.outliers if r["outlier"]],
+        }
+
+
+def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_SIZE, arch: str | None = None,
+         folds: int = 5, with_model: bool = True, raw: RawImages | None = None,
+         progress: Callable[[str], None] | None = None) -> Rankings:
+    """Compute every ranking for the classifier's raw images (embeddings cached under cleaned_data/NAME/.cache)."""
+    import time
+
+    say = progress or (lambda _msg: None)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    raw = raw or list_raw_images(spec, data)
+    times["list_verify"] = time.perf_counter() - t0
+    rel = raw.rel
+    splits = ["valid" if v else "train" for v in raw.is_valid]
+    t0 = time.perf_counter()
+    say(f"embedding {len(raw.files)} images")
+    emb, phash, sha = compute_embeddings(raw.files, arch=arch or spec.arch, size=size,
+                                         cache_dir=spec.cleaned_dir / ".cache")
+    times["embeddings"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    y = np.array([raw.classes.index(c) for c in raw.labels])
+    probs = out_of_fold_probs(emb, y, len(raw.classes), folds=folds, seed=spec.seed)
+    issues = label_issue_table(rel, raw.labels, raw.classes, probs, splits)
+    times["label_issues"] = time.perf_counter() - t0
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # small matrix products: one BLAS thread is fastest on a busy machine
+        t0 = time.perf_counter()
+        dups = duplicate_groups(rel, raw.labels, splits, sha, phash, emb)
+        times["duplicates"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outs = outlier_table(rel, raw.labels, raw.classes, emb, probs, splits)
+        times["outliers"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    losses = top_losses(spec, raw) if with_model else []
+    times["top_losses"] = time.perf_counter() - t0
+    return Rankings(raw.root, raw.classes, issues, dups, outs, raw.broken, losses, times)
+
+
+def write_report(rankings: Rankings, folder: Path) -> dict[str, Path]:
+    """CSV per ranking plus one report.json under `folder` (cleaned_data/NAME)."""
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    tables = {"label_issues": rankings.label_issues, "outliers": rankings.outliers,
+              "top_losses": rankings.top_losses, "broken": rankings.broken,
+              "duplicates": [{"group": g, "file": f, "label": lab, "split": s, "kind": d["kind"],
+                              "cross_class": d["cross_class"], "leak": d["leak"]}
+                             for g, d in enumerate(rankings.duplicates)
+                             for f, lab, s in zip(d["files"], d["labels"], d["splits"], strict=False)]}
+    for name, rows in tables.items():
+        path = folder / f"report-{name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            if rows:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        written[name] = path
+    full = {**rankings.summary(), "all": {k: v for k, v in tables.items() if k != "duplicates"},
+            "duplicate_groups": rankings.duplicates, "root": str(rankings.root), "classes": rankings.classes,
+            "seconds": {k: round(v, 2) for k, v in rankings.seconds.items()}}
+    path = folder / "report.json"
+    path.write_text(json.dumps(full, indent=1) + "\n")
+    written["json"] = path
+    return written
+
+
+def flip_labels(labels: Sequence[str], classes: Sequence[str], fraction: float,
+                seed: int) -> tuple[list[str], list[int]]:
+    """A copy of `labels` with `fraction` of them changed to another class at random (seeded)."""
+    rng = random.Random(seed)
+    n = max(1, round(len(labels) * fraction))
+    idx = sorted(rng.sample(range(len(labels)), n))
+    out = list(labels)
+    for i in idx:
+        out[i] = rng.choice([c for c in classes if c != labels[i]])
+    return out, idx
