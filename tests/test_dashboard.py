@@ -128,7 +128,7 @@ def test_every_app_notebook_executes_headlessly(trained_project, monkeypatch):
 def test_dashboard_header_and_model_card(board):
     assert "Tiny clothing" in board.header.value and "Three clothing classes" in board.header.value
     card = board.card.value
-    for text in ("pants, shoes, t-shirt", "efficientnet_lite0", "64 px", "trained", "validation accuracy"):
+    for text in ("pants, shoes, t-shirt", "efficientnet_lite0", "96 px", "trained", "validation accuracy"):
         assert text in card
 
 
