@@ -108,7 +108,8 @@ class Predictor:
         folder = Path(folder)
         meta_path = folder / META_FILE
         if not meta_path.is_file():
-            raise ToolkitError(f"no trained model in {folder} ({META_FILE} missing): run `toolkit train NAME` first")
+            raise ToolkitError(f"no trained model in {folder} ({META_FILE} missing): "
+                               f"run `toolkit train {folder.name}` first")
         try:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:

@@ -53,6 +53,13 @@ def _parse_lr(value: str) -> float | None:
     return number
 
 
+def _parse_lr_mult(value: str) -> float:
+    number = float(value)
+    if number < 1:
+        raise ValueError("must be 1 or more (1: the same learning rate everywhere)")
+    return number
+
+
 def _parse_list(value: str) -> list[str]:
     return [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
 
@@ -167,6 +174,7 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "bs": (_parse_positive_int, "32", "batch size"),
     "lr": (_parse_lr, "auto", "learning rate, or auto for the lr_find valley"),
     "lr_find_iters": (_parse_positive_int, "40", "mini-batches lr_find tries"),
+    "lr_mult": (_parse_lr_mult, "100", "unfrozen: the head's lr over the earliest layers' (fastai's lr_mult)"),
     "split": (_parse_split, "auto", "validation split: " + SPLIT_HELP),
     "valid_pct": (float, "0.2", "validation fraction for split = random or group"),
     "group": (_parse_regex, "", "regex on the file name whose first group names the group"),
@@ -204,6 +212,7 @@ class ClassifierSpec:
     bs: int = 32
     lr: float | None = None
     lr_find_iters: int = 40
+    lr_mult: float = 100.0
     split: str = "auto"
     valid_pct: float = 0.2
     group: str = ""

@@ -190,11 +190,12 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     found = find_lr(learn, spec.lr_find_iters, out / "lr_find.png")
     lr = spec.lr if spec.lr is not None else found["valley"]
     log(f"lr_find: valley {found['valley']:.2e}, slide {found['slide']:.2e}; using lr {lr:.2e}"
-        + (" (--lr)" if spec.lr is not None else ""))
+        + (" (set by lr / --lr)" if spec.lr is not None else ""))
 
     fit_started = time.time()
     if spec.pretrained:
-        learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, cbs=extra_cbs)
+        learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, lr_mult=spec.lr_mult,
+                        cbs=extra_cbs)
     else:
         learn.fit_one_cycle(spec.epochs + spec.freeze_epochs, lr, cbs=extra_cbs)
     fit_seconds = time.time() - fit_started
@@ -222,7 +223,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
                     dataset.classes, out / "top_losses.png")
     metrics.update({
         "name": spec.name, "arch": spec.arch, "size": spec.size, "epochs": spec.epochs,
-        "freeze_epochs": spec.freeze_epochs, "bs": spec.bs, "lr": lr,
+        "freeze_epochs": spec.freeze_epochs, "bs": spec.bs, "lr": lr, "lr_mult": spec.lr_mult,
         "lr_find": found,
         "n_train": dataset.n_train, "n_valid": dataset.n_valid, "bad_files": len(dataset.bad),
         "warnings": dataset.warnings, "data": str(dataset.root), "data_fingerprint": fingerprint,
