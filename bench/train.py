@@ -35,11 +35,12 @@ def subset(source: Path, dest: Path, per_class: int | None) -> Path:
     return dest
 
 
-def run_toolkit(data: Path, root: Path, size: int, epochs: int, freeze_epochs: int, bs: int) -> dict:
+def run_toolkit(data: Path, root: Path, size: int, epochs: int, freeze_epochs: int, bs: int,
+                extra: str = "") -> dict:
     from toolkit.settings import load_settings
     from toolkit.train import train
 
-    (root / "settings.ini").write_text(f"[clothing-small]\nsize = {size}\nepochs = {epochs}\n"
+    (root / "settings.ini").write_text(f"[clothing-small]\nsize = {size}\nepochs = {epochs}\n{extra}"
                                        f"freeze_epochs = {freeze_epochs}\nbs = {bs}\n")
     spec = load_settings(root / "settings.ini").get("clothing-small")
     started = time.time()
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--bs", type=int, default=defaults.bs)
     parser.add_argument("--subset", type=int, default=0, help="train images per class (0: all)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra settings for the toolkit run (e.g. lr=4e-3)")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"bench/train.py needs {DATA}")
@@ -104,10 +107,11 @@ def main() -> None:
         data = subset(DATA, Path(tmp) / "data", args.subset)
         print(f"clothing-small from {data}: size {args.size}, epochs {args.freeze_epochs}+{args.epochs}, "
               f"bs {args.bs}, {torch.get_num_threads()} threads", flush=True)
-        ours = run_toolkit(data, Path(tmp), args.size, args.epochs, args.freeze_epochs, args.bs)
+        ours = run_toolkit(data, Path(tmp), args.size, args.epochs, args.freeze_epochs, args.bs,
+                           "".join(f"{item.replace('=', ' = ', 1)}\n" for item in args.set))
         print(f"toolkit train : {json.dumps(ours)}", flush=True)
         result = {"size": args.size, "epochs": args.epochs, "freeze_epochs": args.freeze_epochs,
-                  "bs": args.bs, "subset": args.subset, "toolkit_accuracy": ours["accuracy"],
+                  "bs": args.bs, "subset": args.subset, "settings": args.set, "toolkit_accuracy": ours["accuracy"],
                   "toolkit_wall_s": ours["wall_s"], "toolkit_images_per_s": ours["images_per_s"]}
         if not args.skip_baseline:
             plain = run_plain_fastai(data, args.size, args.epochs, args.freeze_epochs, args.bs)

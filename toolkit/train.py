@@ -151,6 +151,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     """Train spec's classifier; write models/NAME/ and return its metrics (also in metrics.json)."""
     from fastai.callback.progress import CSVLogger
     from fastai.callback.tracker import SaveModelCallback
+    from fastai.callback.training import BnFreeze
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
@@ -179,9 +180,11 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     (out / "history.csv").unlink(missing_ok=True)
     extra_cbs = [CSVLogger(fname="history.csv", append=True), history,
                  SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)]
+    # Frozen phase = the pretrained body as a fixed function: its batch norms stay in eval mode with
+    # their ImageNet statistics (train_bn=False + BnFreeze), so no gradient flows through the body
+    # (about 3x cheaper) and the head learns on exactly the features it will be served with.
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=body_head_split,
-                    path=out, model_dir=".",
-                    )
+                    path=out, model_dir=".", train_bn=False, cbs=[BnFreeze()])
     if not progress:
         learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
     if spec.pretrained:
