@@ -459,6 +459,13 @@ def test_cli_clean_opens_voila_and_stops_on_ctrl_c(project, tmp_path):
         assert (project["root"] / "apps" / "clean.ipynb").is_file()
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 130
+        deadline = time.time() + 15  # Voila's children may take a moment to release the port
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            except OSError:
+                break
+            time.sleep(0.5)
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
