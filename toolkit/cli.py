@@ -174,26 +174,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"starting Voila on {apps} (log: {log}) ...", flush=True)
     proc = launch_voila(apps, args.port, args.host, env, log_path=log, extra_args=extra, cwd=settings.root,
                         timeout=args.timeout)
-    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    base = f"http://{shown}:{args.port}"
-    print(f"serving {len(settings.classifiers)} dashboard(s); open:", flush=True)
-    print(f"  {'index':<12} {base}/voila/render/index.ipynb")
-    for name, spec in settings.classifiers.items():
-        state = "" if (spec.models_dir / "model.json").is_file() else f"  (no model yet: toolkit train {name})"
-        print(f"  {name:<12} {base}/voila/render/{name}.ipynb{state}")
-    clean_state = "" if (apps / CLEAN_APP).is_file() else "  (not installed yet)"
-    print(f"  {'cleaning':<12} {base}/voila/render/{CLEAN_APP}{clean_state}")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: bound to {args.host}: anyone who can reach this machine can use the dashboards")
-    if preheated:
-        print(f"preheated kernels: {', '.join(preheated)}")
-    print("Ctrl-C stops the server.", flush=True)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops Voila and its kernels too
-    try:
+    try:  # from here on, Ctrl-C or SIGTERM at any moment stops Voila and its kernels too
+        signal.signal(signal.SIGTERM, interrupt)
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        base = f"http://{shown}:{args.port}"
+        print(f"serving {len(settings.classifiers)} dashboard(s); open:", flush=True)
+        print(f"  {'index':<12} {base}/voila/render/index.ipynb")
+        for name, spec in settings.classifiers.items():
+            state = "" if (spec.models_dir / "model.json").is_file() else f"  (no model yet: toolkit train {name})"
+            print(f"  {name:<12} {base}/voila/render/{name}.ipynb{state}")
+        clean_state = "" if (apps / CLEAN_APP).is_file() else "  (not installed yet)"
+        print(f"  {'cleaning':<12} {base}/voila/render/{CLEAN_APP}{clean_state}")
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: bound to {args.host}: anyone who can reach this machine can use the dashboards")
+        if preheated:
+            print(f"preheated kernels: {', '.join(preheated)}")
+        print("Ctrl-C stops the server.", flush=True)
         proc.wait()
     except KeyboardInterrupt:
         print("stopping Voila ...", file=sys.stderr)
@@ -253,8 +253,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
         env["TOOLKIT_DATA"] = str(Path(args.data).resolve())
     process = launch_voila(notebook, args.port, args.host, env, log_path=notebook.parent / f".voila-{args.port}.log",
                            cwd=spec.root)
-    print(f"cleaning [{spec.name}] at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    try:
+    try:  # from here on, Ctrl-C at any moment stops Voila too
+        print(f"cleaning [{spec.name}] at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
         return process.wait()
     finally:
         stop_voila(process)
