@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -141,17 +140,9 @@ def bench_browser(root: Path, photos: list[Path]) -> dict:
             rss = kernel_rss_mb(proc.pid)
             result["kernel_rss_mb"] = max(rss) if rss else None
         finally:
-            import psutil
+            from toolkit.voila import stop_voila
 
-            children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            for child in children:
-                if child.is_running():
-                    child.kill()
+            stop_voila(proc, grace=30)  # SIGTERM: `toolkit serve` stops Voila and its kernels
             browser.close()
     return result
 

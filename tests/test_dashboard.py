@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -386,17 +385,9 @@ def server(trained_project, tmp_path_factory):
             time.sleep(0.2)
         yield {"url": f"http://127.0.0.1:{port}", "log": log_path, "started": started}
     finally:
-        import psutil
+        from toolkit.voila import stop_voila
 
-        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        for child in children:
-            if child.is_running():
-                child.kill()
+        stop_voila(proc, grace=30)  # SIGTERM: `toolkit serve` stops Voila and its kernels
         _kill_tree(proc.pid)
 
 
