@@ -199,9 +199,6 @@ class DecodedCache:
             arrays = pool.map(lambda p: load_resized(p, size), files)
             self.arrays = dict(zip(files, progress_iter(arrays, len(files), f"decoding at {size}px", progress)))
 
-    def __getitem__(self, path: Path) -> np.ndarray:
-        return self.arrays[path]
-
 
 _CACHES: dict[int, DecodedCache] = {}
 
@@ -240,7 +237,6 @@ def make_dataloaders(dataset: Dataset, size: int, bs: int, mean, std, *, seed: i
     from fastai.data.block import CategoryBlock, DataBlock
     from fastai.data.transforms import IndexSplitter
     from fastai.vision.augment import Normalize, aug_transforms
-    from fastai.vision.core import imagenet_stats  # noqa: F401  (fastai import order)
     from fastai.vision.data import ImageBlock
 
     decoded = DecodedCache(dataset.files, size, progress=progress) if cache else None

@@ -183,7 +183,3 @@ class Predictor:
         img = src if isinstance(src, Image.Image) else open_image(src, name=name, draft_size=self.size)
         probs = self.predict_images([img.convert("RGB")])[0]
         return Prediction(self.classes[int(probs.argmax())], dict(zip(self.classes, probs.tolist(), strict=True)))
-
-
-def load_predictor(folder: str | Path) -> Predictor:
-    return Predictor(folder)
