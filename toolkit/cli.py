@@ -104,14 +104,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score the trained model on DIR/<class>/ images; confusion matrix as PNG and JSON."""
     from .evaluate import evaluate_folder, format_report, plot_confusion
-    from .model_io import Predictor
+    from .model_io import load_predictor
 
     spec = _spec(args)
-    predictor = Predictor(spec.models_dir)
+    predictor = load_predictor(spec.models_dir)
     data = args.data or spec.data_dir
+    pairs = predictor.meta.get("task") == "pairs"
     if data is None:
-        raise ToolkitError("evaluate needs --data DIR (a folder of <class>/ image folders)")
-    metrics = evaluate_folder(predictor, Path(data), tta=args.tta, group=spec.group, progress=not args.quiet)
+        raise ToolkitError("evaluate needs --data DIR (" + ("a folder of photos named by pair_rule)" if pairs
+                                                            else "a folder of <class>/ image folders)"))
+    if pairs:  # shoe pairs: pairs built from the folder's photos, scored per group and per kind
+        from .pairs import evaluate_pairs, format_pairs_report
+
+        metrics = evaluate_pairs(predictor, Path(data), spec, progress=not args.quiet)
+    else:
+        metrics = evaluate_folder(predictor, Path(data), tta=args.tta, group=spec.group, progress=not args.quiet)
     out = spec.models_dir / "evaluation"
     out.mkdir(exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -121,16 +128,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(format_report(metrics))
+        print(format_pairs_report(metrics) if pairs else format_report(metrics))
         print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Label and probabilities per file; a bad file is one line on stderr, the rest still run."""
-    from .model_io import Predictor
+    from .model_io import load_predictor
 
-    predictor = Predictor(_spec(args).models_dir)
+    spec = _spec(args)
+    predictor = load_predictor(spec.models_dir)
+    if predictor.meta.get("task") == "pairs" or args.pair:
+        return _predict_pair(args, spec, predictor)
+    if not args.files:
+        raise ToolkitError("predict needs image files: toolkit predict NAME FILE...")
     results, failed = [], 0
     for file in args.files:
         try:
@@ -146,6 +158,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results))
     return 1 if failed else 0
+
+
+def _predict_pair(args: argparse.Namespace, spec, predictor) -> int:
+    if predictor.meta.get("task") != "pairs":
+        raise ToolkitError(f"[{spec.name}] is a {predictor.meta.get('task', 'single')} classifier: "
+                           f"use toolkit predict {spec.name} FILE... (--pair is for task = pairs)")
+    if not args.pair or args.files:
+        raise ToolkitError(f"[{spec.name}] compares two photos: toolkit predict {spec.name} --pair A B")
+    a, b = args.pair
+    prediction = predictor.predict_pair(Path(a), Path(b), names=(a, b))
+    if args.json:
+        print(json.dumps({"a": a, "b": b, **prediction.as_dict()}))
+    else:
+        print(f"{a}\t{b}\t{prediction.label}\tp(same)={prediction.probability:.3f}\t({prediction.approach})")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Sanity check: can a fresh model overfit one small batch? PASS (exit 0) or FAIL (exit 1)."""
+    from .check import check
+
+    spec = _spec(args)
+    if args.n < 2 or args.steps < 1:
+        raise ToolkitError("check needs --n 2 or more and --steps 1 or more")
+    results = check(spec, args.data, n=args.n, steps=args.steps, lr=args.lr, threshold=args.threshold,
+                    labels=args.labels, approach=args.approach, progress=not args.quiet)
+    for result in results:
+        print(json.dumps(result.as_dict()) if args.json else result.line(), flush=True)
+    return 0 if all(r.passed for r in results) else 1
 
 
 def cmd_apps(args: argparse.Namespace) -> int:
@@ -322,7 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("predict", cmd_predict)
     p.add_argument("name")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="*")
+    p.add_argument("--pair", nargs=2, metavar=("A", "B"), help="task = pairs: are these two photos one pair?")
+    p.add_argument("--json", action="store_true")
+
+    p = add("check", cmd_check)
+    p.add_argument("name")
+    p.add_argument("--data", type=Path)
+    p.add_argument("--n", type=int, default=16, help="items in the batch (default 16)")
+    p.add_argument("--steps", type=int, default=30, help="optimiser steps (default 30)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--threshold", type=float, default=0.1, help="pass when the loss ends below this (default 0.1)")
+    p.add_argument("--labels", choices=("real", "shuffled", "random"), default="real",
+                   help="real; shuffled (one fixed permutation); random (new at every step: must fail)")
+    p.add_argument("--approach", choices=("stacked", "siamese"), help="task = pairs: one approach only")
     p.add_argument("--json", action="store_true")
 
     add("apps", cmd_apps)

@@ -230,19 +230,26 @@ class LabelOf:
         return self.labels[path]
 
 
+def batch_transforms(size: int, mean, std, augment: bool = True) -> list:
+    """The per-batch transforms on the GPU/CPU batch: flips, small rotations, zoom, lighting
+    (training only, when augment), then normalisation with the backbone's statistics."""
+    import torch
+    from fastai.vision.augment import Normalize, aug_transforms
+
+    tfms = aug_transforms(size=size, max_rotate=10.0, max_warp=0.0, min_scale=0.85) if augment else []
+    return [*tfms, Normalize.from_stats(torch.tensor(mean), torch.tensor(std))]
+
+
 def make_dataloaders(dataset: Dataset, size: int, bs: int, mean, std, *, seed: int = 42,
                      augment: bool = True, progress: bool = True, cache: bool = True):
     """fastai DataLoaders: squish to size (cached), flips/rotations/lighting on train, normalise."""
-    import torch
     from fastai.data.block import CategoryBlock, DataBlock
     from fastai.data.transforms import IndexSplitter
-    from fastai.vision.augment import Normalize, aug_transforms
     from fastai.vision.data import ImageBlock
 
     decoded = DecodedCache(dataset.files, size, progress=progress) if cache else None
     valid_idx = [i for i, v in enumerate(dataset.is_valid) if v]
-    batch_tfms = (aug_transforms(size=size, max_rotate=10.0, max_warp=0.0, min_scale=0.85) if augment else [])
-    batch_tfms = [*batch_tfms, Normalize.from_stats(torch.tensor(mean), torch.tensor(std))]
+    batch_tfms = batch_transforms(size, mean, std, augment)
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=dataset.classes)),
         get_x=CachedImage(decoded, size),

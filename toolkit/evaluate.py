@@ -25,9 +25,19 @@ def confusion(true_idx: np.ndarray, pred_idx: np.ndarray, n: int) -> np.ndarray:
     return matrix
 
 
+def accuracy_by(correct: Sequence[bool], names: Sequence[str]) -> dict[str, dict]:
+    """{name: {accuracy, n}} over the items that carry each name, sorted by name."""
+    by_name: dict[str, list[bool]] = {}
+    for name, ok in zip(names, correct):
+        by_name.setdefault(name, []).append(bool(ok))
+    return {g: {"accuracy": round(float(np.mean(v)), 4), "n": len(v)} for g, v in sorted(by_name.items())}
+
+
 def metrics_from_probs(probs: np.ndarray, labels: Sequence[str], classes: Sequence[str],
-                       files: Sequence[Path] | None = None, group: str = "") -> dict:
-    """accuracy, n, per_class {precision, recall, f1, support}, confusion, groups {name: accuracy}."""
+                       files: Sequence[Path] | None = None, group: str = "",
+                       group_names: Sequence[str] | None = None) -> dict:
+    """accuracy, n, per_class {precision, recall, f1, support}, confusion, groups {name: accuracy}.
+    Groups come from `group_names` (one per item) or from the `group` regex on the file names."""
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
@@ -46,14 +56,12 @@ def metrics_from_probs(probs: np.ndarray, labels: Sequence[str], classes: Sequen
     correct = true_idx == pred_idx
     result = {"accuracy": round(float(correct.mean()), 4) if len(labels) else 0.0, "n": len(labels),
               "per_class": per_class, "classes": list(classes), "confusion": matrix.tolist(), "groups": {}}
-    if group and files is not None:
+    if group_names is None and group and files is not None:
         regex = re.compile(group)
-        by_group: dict[str, list[bool]] = {}
-        for path, ok in zip(files, correct):
-            match = regex.search(Path(path).name)
-            by_group.setdefault(match.group(1) if match else "(no match)", []).append(bool(ok))
-        result["groups"] = {g: {"accuracy": round(float(np.mean(v)), 4), "n": len(v)}
-                            for g, v in sorted(by_group.items())}
+        group_names = [match.group(1) if (match := regex.search(Path(path).name)) else "(no match)"
+                       for path in files]
+    if group_names is not None:
+        result["groups"] = accuracy_by(correct, group_names)
     return result
 
 

@@ -75,20 +75,53 @@ def inference_model(arch: str, n_out: int) -> torch.nn.Sequential:
     state_dict keys, built without importing fastai (which costs a serving kernel seconds and
     hundreds of MB): body + fastai's default head (concat pool, flatten, BN, dropout, linear 512,
     ReLU, BN, dropout, linear), as laid out by fastai 2.8's `create_head`."""
-    from torch import nn
+    nf = get_backbone(arch).n_features * 2
+    return torch.nn.Sequential(inference_body(arch), torch.nn.Sequential(ConcatPool(), FlattenBatch(),
+                                                                         *linear_head(nf, n_out)))
 
-    backbone = get_backbone(arch)
+
+def inference_body(arch: str) -> torch.nn.Module:
+    """The registry's body for `arch`, untrained, built without fastai (same state_dict keys)."""
     if arch.startswith("resnet"):
         import torchvision.models as tvm
 
-        body = nn.Sequential(*list(getattr(tvm, arch)(weights=None).children())[:-2])  # fastai's cut
-    else:
-        body = backbone.create_body(False)
-    nf = backbone.n_features * 2
-    head = nn.Sequential(ConcatPool(), FlattenBatch(),
-                         nn.BatchNorm1d(nf), nn.Dropout(0.25), nn.Linear(nf, 512, bias=False), nn.ReLU(inplace=True),
-                         nn.BatchNorm1d(512), nn.Dropout(0.5), nn.Linear(512, n_out, bias=False))
-    return nn.Sequential(body, head)
+        return torch.nn.Sequential(*list(getattr(tvm, arch)(weights=None).children())[:-2])  # fastai's cut
+    return get_backbone(arch).create_body(False)
+
+
+def linear_head(n_in: int, n_out: int) -> list[torch.nn.Module]:
+    """fastai 2.8's `create_head` after pooling: BN, dropout, linear 512, ReLU, BN, dropout, linear."""
+    from torch import nn
+
+    return [nn.BatchNorm1d(n_in), nn.Dropout(0.25), nn.Linear(n_in, 512, bias=False), nn.ReLU(inplace=True),
+            nn.BatchNorm1d(512), nn.Dropout(0.5), nn.Linear(512, n_out, bias=False)]
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """models/NAME/model.json, or a one-line ToolkitError saying how to get one."""
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise ToolkitError(f"no trained model in {folder} ({META_FILE} missing): "
+                           f"run `toolkit train {folder.name}` first")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ToolkitError(f"{meta_path}: not valid JSON ({exc})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ToolkitError(f"{meta_path}: format_version {meta.get('format_version')} is not "
+                           f"{FORMAT_VERSION}; retrain with this toolkit")
+    return meta
+
+
+def load_predictor(folder: str | Path, device: str | None = None, optimize: bool = False) -> Predictor:
+    """The predictor model.json's "task" calls for: `Predictor` (single) or `pairs.PairPredictor`."""
+    task = read_meta(folder).get("task", "single")
+    if task == "pairs":
+        from .pairs import PairPredictor
+
+        return PairPredictor(folder, device=device, optimize=optimize)
+    return Predictor(folder, device=device, optimize=optimize)
 
 
 @dataclass
@@ -106,29 +139,23 @@ class Predictor:
 
     def __init__(self, folder: str | Path, device: str | None = None, optimize: bool = False):
         folder = Path(folder)
-        meta_path = folder / META_FILE
-        if not meta_path.is_file():
-            raise ToolkitError(f"no trained model in {folder} ({META_FILE} missing): "
-                               f"run `toolkit train {folder.name}` first")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ToolkitError(f"{meta_path}: not valid JSON ({exc})") from None
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ToolkitError(f"{meta_path}: format_version {self.meta.get('format_version')} is not "
-                               f"{FORMAT_VERSION}; retrain with this toolkit")
+        self.meta = read_meta(folder)
         from safetensors.torch import load_file
 
         self.folder = folder
         self.classes: list[str] = list(self.meta["classes"])
         self.size = int(self.meta["size"])
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = inference_model(self.meta["arch"], len(self.classes))
+        self.model = self.build_model()
         self.model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
         self.model.eval().to(self.device)
         self.mean = torch.tensor(self.meta["mean"]).view(1, 3, 1, 1).to(self.device)
         self.std = torch.tensor(self.meta["std"]).view(1, 3, 1, 1).to(self.device)
         self.fast_model: torch.nn.Module | None = self._optimized() if optimize else None
+
+    def build_model(self) -> torch.nn.Module:
+        """The untrained network model.json describes (subclasses build other tasks' networks)."""
+        return inference_model(self.meta["arch"], len(self.classes))
 
     def _optimized(self) -> torch.nn.Module | None:
         """A frozen, channels-last TorchScript copy for CPU serving (batch norm folded into the

@@ -17,7 +17,11 @@ from typing import Any
 
 from .errors import SettingsError
 
-TASKS = ("single",)
+TASKS = ("single", "pairs")
+APPROACHES = ("stacked", "siamese", "both")
+# shoe-pairs names: u001_2_left_w.jpg = person u001, pair 2, left shoe, women's
+DEFAULT_PAIR_RULE = r"^(?P<person>[^_]+)_(?P<pair>[^_]+)_(?P<side>left|right)_(?P<group>[^_.]+)\."
+PAIR_RULE_GROUPS = ("person", "pair", "side", "group")
 SPLIT_HELP = "use 'auto', 'folder', 'random', 'random:0.2' or 'group:REGEX'"
 
 
@@ -106,6 +110,25 @@ def _parse_regex(value: str) -> str:
     return pattern
 
 
+def _parse_pair_rule(value: str) -> str:
+    pattern = value.strip()
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    missing = [name for name in PAIR_RULE_GROUPS if name not in compiled.groupindex]
+    if missing:
+        raise ValueError(f"the regex needs the named groups {', '.join(f'(?P<{m}>...)' for m in missing)}")
+    return pattern
+
+
+def _parse_fraction(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise ValueError("must be between 0 and 1")
+    return number
+
+
 def _parse_arch(value: str) -> str:
     from .backbones import BACKBONES
 
@@ -179,6 +202,13 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "valid_pct": (float, "0.2", "validation fraction for split = random or group"),
     "group": (_parse_regex, "", "regex on the file name whose first group names the group"),
     "seed": (int, "42", "random seed for splits, sampling and training"),
+    "pair_rule": (_parse_pair_rule, DEFAULT_PAIR_RULE,
+                  "task = pairs: regex on photo names with named groups person, pair, side (left|right), group"),
+    "approach": (_choice(*APPROACHES), "both", "task = pairs: stacked (one image), siamese (two inputs) or both "
+                 "(each in models/NAME/<approach>/, the better one served)"),
+    "negatives": (_parse_positive_int, "1", "task = pairs: negative pairs per positive pair"),
+    "hard_share": (_parse_fraction, "0.5", "task = pairs: share of negatives that are hard (the same person's "
+                   "other pairs); the rest are easy (other people)"),
     "preheat": (_parse_bool, "no", "`toolkit serve` keeps a pre-heated Voila kernel for this dashboard"),
 }
 
@@ -218,6 +248,10 @@ class ClassifierSpec:
     group: str = ""
     seed: int = 42
     preheat: bool = False
+    pair_rule: str = DEFAULT_PAIR_RULE
+    approach: str = "both"
+    negatives: int = 1
+    hard_share: float = 0.5
 
     @property
     def scrape_dir(self) -> Path:

@@ -146,17 +146,61 @@ def find_lr(learn, num_it: int, plot_path: Path) -> dict[str, float]:
     return found
 
 
-def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict:
-    """Train spec's classifier; write models/NAME/ and return its metrics (also in metrics.json)."""
-    from fastai.callback.progress import CSVLogger
-    from fastai.callback.tracker import SaveModelCallback
+def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split, pretrained: bool = True,
+                 progress: bool = True):
+    """fastai Learner (cross-entropy, accuracy) with the body frozen when pretrained.
+
+    Frozen phase = the pretrained body as a fixed function: its batch norms stay in eval mode with
+    their ImageNet statistics (train_bn=False + BnFreeze), so no gradient flows through the body
+    (about 3x cheaper) and the head learns on exactly the features it will be served with."""
     from fastai.callback.training import BnFreeze
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
+
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=splitter,
+                    path=out, model_dir=".", train_bn=False, cbs=[BnFreeze()])
+    if not progress:
+        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+    if pretrained:
+        learn.freeze()
+    return learn
+
+
+def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], None] = print) -> dict:
+    """lr_find (plotted to out/lr_find.png) then fine_tune with the CSV log, the loss history and the
+    best epoch across both phases loaded back; returns lr, lr_find, history and fit_seconds."""
+    from fastai.callback.progress import CSVLogger
+    from fastai.callback.tracker import SaveModelCallback
+
+    found = find_lr(learn, spec.lr_find_iters, out / "lr_find.png")
+    lr = spec.lr if spec.lr is not None else found["valley"]
+    log(f"lr_find: valley {found['valley']:.2e}, slide {found['slide']:.2e}; using lr {lr:.2e}"
+        + (" (set by lr / --lr)" if spec.lr is not None else ""))
+    history = _loss_history_callback()
+    (out / "history.csv").unlink(missing_ok=True)
+    extra_cbs = [CSVLogger(fname="history.csv", append=True), history,
+                 SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)]
+    fit_started = time.time()
+    if spec.pretrained:
+        learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, lr_mult=spec.lr_mult,
+                        cbs=extra_cbs)
+    else:
+        learn.fit_one_cycle(spec.epochs + spec.freeze_epochs, lr, cbs=extra_cbs)
+    fit_seconds = time.time() - fit_started
+    (out / "best.pth").unlink(missing_ok=True)  # the best epoch is loaded into learn.model
+    return {"lr": lr, "lr_find": found, "history": history, "fit_seconds": fit_seconds}
+
+
+def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True,
+          log: Callable[[str], None] = print) -> dict:
+    """Train spec's classifier; write models/NAME/ and return its metrics (also in metrics.json)."""
     from fastai.torch_core import set_seed
 
+    if spec.task == "pairs":  # shoe pairs: stacked and/or two-input models (toolkit/pairs.py)
+        from .pairs import train_pairs
+
+        return train_pairs(spec, data, progress=progress, log=log)
     started = time.time()
     out = spec.models_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -176,34 +220,10 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     dls = make_dataloaders(dataset, spec.size, spec.bs, backbone.mean, backbone.std, seed=spec.seed,
                            progress=progress)
     model = create_model(spec.arch, len(dataset.classes), pretrained=spec.pretrained)
-    history = _loss_history_callback()
-    (out / "history.csv").unlink(missing_ok=True)
-    extra_cbs = [CSVLogger(fname="history.csv", append=True), history,
-                 SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)]
-    # Frozen phase = the pretrained body as a fixed function: its batch norms stay in eval mode with
-    # their ImageNet statistics (train_bn=False + BnFreeze), so no gradient flows through the body
-    # (about 3x cheaper) and the head learns on exactly the features it will be served with.
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=body_head_split,
-                    path=out, model_dir=".", train_bn=False, cbs=[BnFreeze()])
-    if not progress:
-        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
-    if spec.pretrained:
-        learn.freeze()
-
-    found = find_lr(learn, spec.lr_find_iters, out / "lr_find.png")
-    lr = spec.lr if spec.lr is not None else found["valley"]
-    log(f"lr_find: valley {found['valley']:.2e}, slide {found['slide']:.2e}; using lr {lr:.2e}"
-        + (" (set by lr / --lr)" if spec.lr is not None else ""))
-
-    fit_started = time.time()
-    if spec.pretrained:
-        learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, lr_mult=spec.lr_mult,
-                        cbs=extra_cbs)
-    else:
-        learn.fit_one_cycle(spec.epochs + spec.freeze_epochs, lr, cbs=extra_cbs)
-    fit_seconds = time.time() - fit_started
+    learn = make_learner(dls, model, out, pretrained=spec.pretrained, progress=progress)
+    fitted = fit_learner(learn, spec, out, log)
+    lr, found, history, fit_seconds = fitted["lr"], fitted["lr_find"], fitted["history"], fitted["fit_seconds"]
     epochs_run = spec.epochs + spec.freeze_epochs
-    (out / "best.pth").unlink(missing_ok=True)  # the best epoch is loaded into learn.model
 
     probs, targets = learn.get_preds(ds_idx=1)
     probs = probs.numpy()

@@ -1,0 +1,89 @@
+"""Benchmark: shoe pairs, stacked vs siamese, on a person-level split of shoe-pairs/train.
+
+`toolkit train` with task = pairs and approach = both on ../shared/datasets/shoe-pairs/train:
+people held out whole (stratified by men's / women's), balanced pairs (half the negatives hard:
+the same person's other pairs). Prints, per approach, validation accuracy overall, on men's and
+women's pairs, on positives, hard and easy negatives, and wall time; for the stacked model also
+without the symmetric (a|b and b|a) average. Target for the better approach: above 85% on
+women's and above 76% on men's pairs. Last line: RESULT {json}.
+
+Usage: python bench/pairs.py [--size N] [--epochs N] [--freeze-epochs N] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "datasets" / "shoe-pairs" / "train"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--freeze-epochs", type=int, default=1)
+    parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--set", action="append", default=[], help="extra settings.ini lines, key=value")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"missing {DATA}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    from toolkit.pairs import PairPredictor, score_pairs
+    from toolkit.settings import load_settings
+    from toolkit.train import train
+
+    extra = "".join(f"{line.split('=', 1)[0].strip()} = {line.split('=', 1)[1].strip()}\n" for line in args.set)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "settings.ini").write_text(
+            f"[shoes]\ntask = pairs\napproach = both\ndata = {DATA}\nsize = {args.size}\nepochs = {args.epochs}\n"
+            f"freeze_epochs = {args.freeze_epochs}\nbs = {args.bs}\nvalid_pct = 0.25\n{extra}")
+        spec = load_settings(root / "settings.ini").get("shoes")
+        started = time.time()
+        metrics = train(spec, progress=False, log=lambda line: print("  toolkit:", line, flush=True))
+        wall = time.time() - started
+        per = {}
+        for approach, summary in metrics["approaches"].items():
+            row = {"accuracy": summary["accuracy"], "men": summary["groups"].get("m", {}).get("accuracy"),
+                   "women": summary["groups"].get("w", {}).get("accuracy"),
+                   **{kind: summary["kinds"].get(kind, {}).get("accuracy") for kind in ("positive", "hard", "easy")},
+                   "wall_s": summary["wall_seconds"], "fit_s": summary["fit_seconds"], "lr": summary["lr"]}
+            if approach == "stacked":  # the same model without the symmetric average
+                from toolkit.pairs import load_pair_data
+
+                one_way = score_pairs(PairPredictor(spec.models_dir / approach, device="cpu"),
+                                      load_pair_data(spec, progress=False).valid, symmetric=False)
+                row["accuracy_one_order"] = one_way["accuracy"]
+            per[approach] = row
+        counts = metrics["valid_counts"]
+    print(f"\nshoe-pairs: {metrics['people']} people, {metrics['valid_people']} held out; "
+          f"{metrics['train_pairs']} train pairs, {metrics['valid_pairs']} valid pairs {counts}")
+    print(f"{'approach':<9} {'overall':>8} {'men':>7} {'women':>7} {'positive':>9} {'hard':>7} {'easy':>7} {'wall s':>7}")
+    for approach, row in per.items():
+        print(f"{approach:<9} {row['accuracy']:>8.1%} {row['men']:>7.1%} {row['women']:>7.1%} "
+              f"{row['positive']:>9.1%} {row['hard']:>7.1%} {row['easy']:>7.1%} {row['wall_s']:>7.0f}")
+    if "accuracy_one_order" in per.get("stacked", {}):
+        print(f"stacked without the symmetric average: {per['stacked']['accuracy_one_order']:.1%}")
+    chosen = metrics["chosen"]
+    best = per[chosen]
+    met = (best["women"] or 0) > 0.85 and (best["men"] or 0) > 0.76
+    print(f"winner: {chosen}; target (women > 85%, men > 76%): {'met' if met else 'NOT met'}; "
+          f"total wall {wall:.0f} s")
+    result = {"size": args.size, "epochs": args.epochs, "freeze_epochs": args.freeze_epochs, "bs": args.bs,
+              "settings": args.set, "valid_pairs": metrics["valid_pairs"], "valid_people": metrics["valid_people"],
+              "approaches": per, "winner": chosen, "target_met": met, "wall_s": round(wall, 1)}
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
