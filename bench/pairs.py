@@ -67,7 +67,8 @@ def main() -> int:
         counts = metrics["valid_counts"]
     print(f"\nshoe-pairs: {metrics['people']} people, {metrics['valid_people']} held out; "
           f"{metrics['train_pairs']} train pairs, {metrics['valid_pairs']} valid pairs {counts}")
-    print(f"{'approach':<9} {'overall':>8} {'men':>7} {'women':>7} {'positive':>9} {'hard':>7} {'easy':>7} {'wall s':>7}")
+    header = ("approach", "overall", "men", "women", "positive", "hard", "easy", "wall s")
+    print(f"{header[0]:<9} " + " ".join(f"{h:>{9 if h == 'positive' else 7}}" for h in header[1:]))
     for approach, row in per.items():
         print(f"{approach:<9} {row['accuracy']:>8.1%} {row['men']:>7.1%} {row['women']:>7.1%} "
               f"{row['positive']:>9.1%} {row['hard']:>7.1%} {row['easy']:>7.1%} {row['wall_s']:>7.0f}")

@@ -42,7 +42,7 @@ from PIL import Image
 
 from .errors import ToolkitError
 from .images import MAX_PIXELS, open_image
-from .model_io import META_FILE, WEIGHTS_FILE, Predictor
+from .model_io import META_FILE, WEIGHTS_FILE, Predictor, load_predictor
 from .settings import ClassifierSpec, load_settings
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file; bigger uploads get a one-line message
@@ -66,7 +66,7 @@ def get_predictor(folder: str | Path) -> Predictor:
     if key not in _PREDICTORS:
         for old in [k for k in _PREDICTORS if k[0] == key[0]]:
             del _PREDICTORS[old]
-        _PREDICTORS[key] = Predictor(folder, device="cpu", optimize=True)
+        _PREDICTORS[key] = load_predictor(folder, device="cpu", optimize=True)
     return _PREDICTORS[key]
 
 
@@ -113,6 +113,13 @@ def _one_line(exc: BaseException) -> str:
 
 def _error_html(message: str) -> str:
     return f'<div class="toolkit-error" style="color:#b00020">&#9888; {html.escape(message)}</div>'
+
+
+def header_html(spec: ClassifierSpec) -> str:
+    """The page's title and description from settings.ini."""
+    description = spec.description or ""
+    return (f"<h2 class='toolkit-title'>{html.escape(spec.display_title)}</h2>"
+            + (f"<p class='toolkit-description'>{html.escape(description)}</p>" if description else ""))
 
 
 def probability_bars(probs: dict[str, float], k: int = TOP_K) -> str:
@@ -223,10 +230,7 @@ class ClassifierDashboard:
         self.predictor: Predictor | None = None
         self.classes: list[str] = []
         spec = self.spec
-        description = spec.description or ""
-        self.header = widgets.HTML(f"<h2 class='toolkit-title'>{html.escape(spec.display_title)}</h2>"
-                                   + (f"<p class='toolkit-description'>{html.escape(description)}</p>"
-                                      if description else ""))
+        self.header = widgets.HTML(header_html(spec))
         self.status = widgets.HTML()
         self.status.add_class("toolkit-status")
         self.output = widgets.VBox()
@@ -370,7 +374,8 @@ class ClassifierDashboard:
 
 
 def dashboard(name: str, settings: str | Path | None = None) -> ClassifierDashboard | widgets.HTML:
-    """What an app notebook shows: the dashboard, or one line saying what is wrong.
+    """What an app notebook shows: the dashboard (a `pairs_dashboard.PairDashboard` for
+    task = pairs), or one line saying what is wrong.
 
     Sets this kernel's torch threads to $TOOLKIT_THREADS (default 1): Voila runs one kernel per
     page, and on a small CPU several multi-threaded kernels oversubscribe the cores (measured on
@@ -383,7 +388,12 @@ def dashboard(name: str, settings: str | Path | None = None) -> ClassifierDashbo
     except ValueError:
         pass
     try:
-        return ClassifierDashboard(name, settings)
+        spec = load_settings(find_settings(settings)).get(name)
+        if spec.task == "pairs":
+            from .pairs_dashboard import PairDashboard
+
+            return PairDashboard(spec)
+        return ClassifierDashboard(spec)
     except Exception as exc:
         box = widgets.HTML(_error_html(_one_line(exc)))
         box.add_class("toolkit-dashboard")

@@ -390,6 +390,10 @@ class PairPredictor(Predictor):
                                 len(self.classes))
         raise ToolkitError(f"{self.folder / META_FILE}: unknown pairs approach {self.approach!r}; retrain")
 
+    def _optimized(self) -> None:
+        """Pairs serve the eager model (the TorchScript copy is for single-input classifiers)."""
+        return None
+
     def _normalised(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().to(self.device) / 255
         return (batch - self.mean) / self.std
