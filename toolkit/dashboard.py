@@ -42,7 +42,7 @@ from PIL import Image
 
 from .errors import ToolkitError
 from .images import MAX_PIXELS, open_image
-from .model_io import META_FILE, WEIGHTS_FILE, Predictor
+from .model_io import META_FILE, WEIGHTS_FILE, Predictor, load_predictor
 from .settings import ClassifierSpec, load_settings
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file; bigger uploads get a one-line message
@@ -66,7 +66,7 @@ def get_predictor(folder: str | Path) -> Predictor:
     if key not in _PREDICTORS:
         for old in [k for k in _PREDICTORS if k[0] == key[0]]:
             del _PREDICTORS[old]
-        _PREDICTORS[key] = Predictor(folder, device="cpu", optimize=True)
+        _PREDICTORS[key] = load_predictor(folder, device="cpu", optimize=True)
     return _PREDICTORS[key]
 
 
@@ -155,6 +155,9 @@ def model_card_html(spec: ClassifierSpec, meta: dict[str, Any]) -> str:
         per_class = metrics.get("per_class", {})
         if per_class:
             rows.append(("per-class F1", ", ".join(f"{c} {v.get('f1', 0):.2f}" for c, v in per_class.items())))
+    if metrics.get("levels"):  # task = hierarchical
+        rows.append(("accuracy per level", ", ".join(f"{name} {m['accuracy']:.1%}"
+                                                     for name, m in metrics["levels"].items())))
     if "accuracy" in evaluation:
         rows.append(("evaluation accuracy", f"{evaluation['accuracy']:.1%} on {evaluation.get('n', '?')} images"))
     cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
@@ -169,6 +172,12 @@ class ImageResult:
                  seconds: float, decode_seconds: float, note: str = ""):
         self.board, self.name, self.img, self.probs = board, name, img, probs
         self.label = max(probs, key=probs.get)
+        path_line = ""
+        if hasattr(board.predictor, "path_of"):  # task = hierarchical: one consistent path, a probability per level
+            from .hierarchy import path_html
+
+            path = board.predictor.path_of(probs)
+            self.label, path_line = path[-1][0], path_html(path)
         self.thumb = widgets.Image(value=_png(_shrunk(img, THUMB)), format="jpeg")
         self.thumb.add_class("toolkit-thumb")
         self.cam = widgets.Image(format="jpeg", layout=widgets.Layout(display="none"))
@@ -176,7 +185,7 @@ class ImageResult:
         self.cam_done = False
         title = widgets.HTML(f"<b class='toolkit-name'>{html.escape(name)}</b>"
                              + (f" <i>({html.escape(note)})</i>" if note else ""))
-        self.preds = widgets.HTML(probability_bars(probs))
+        self.preds = widgets.HTML(path_line + probability_bars(probs))
         self.preds.add_class("toolkit-predictions")
         self.timing = widgets.HTML(
             f'<span class="toolkit-time">inference {seconds * 1000:.0f} ms '

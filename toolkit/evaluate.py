@@ -26,14 +26,21 @@ def confusion(true_idx: np.ndarray, pred_idx: np.ndarray, n: int) -> np.ndarray:
 
 
 def metrics_from_probs(probs: np.ndarray, labels: Sequence[str], classes: Sequence[str],
-                       files: Sequence[Path] | None = None, group: str = "") -> dict:
-    """accuracy, n, per_class {precision, recall, f1, support}, confusion, groups {name: accuracy}."""
+                       files: Sequence[Path] | None = None, group: str = "",
+                       predicted: np.ndarray | None = None) -> dict:
+    """accuracy, n, per_class {precision, recall, f1, support}, confusion, groups {name: accuracy}.
+
+    `predicted` (class indices) replaces the argmax of `probs` where a task decodes otherwise
+    (task = hierarchical decodes top down)."""
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise ToolkitError(f"labels {unknown} are not classes of this model ({', '.join(classes)})")
     true_idx = np.array([index[y] for y in labels], dtype=int)
-    pred_idx = probs.argmax(axis=1) if len(labels) else np.zeros(0, dtype=int)
+    if predicted is not None:
+        pred_idx = np.asarray(predicted, dtype=int)
+    else:
+        pred_idx = probs.argmax(axis=1) if len(labels) else np.zeros(0, dtype=int)
     matrix = confusion(true_idx, pred_idx, len(classes))
     per_class = {}
     for i, name in enumerate(classes):
@@ -91,7 +98,13 @@ def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, gr
     folder = Path(folder)
     if not folder.is_dir():
         raise ToolkitError(f"evaluation folder {folder} not found")
-    files, labels = list_labelled_images(folder)
+    hierarchical = predictor.meta.get("task") == "hierarchical"
+    if hierarchical:
+        from .hierarchy import list_paths
+
+        files, labels = list_paths(folder, predictor.meta.get("hierarchy"))
+    else:
+        files, labels = list_labelled_images(folder)
     if not files:
         raise ToolkitError(f"no images in {folder} (expected {folder}/<class>/<image>)")
     unknown = sorted(set(labels) - set(predictor.classes))
@@ -110,7 +123,12 @@ def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, gr
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
         out.append(predictor.predict_tensors(batch, tta=tta))
     probs = np.concatenate(out)
-    metrics = metrics_from_probs(probs, labels, predictor.classes, files, group)
+    if hierarchical:
+        from .hierarchy import hierarchical_metrics
+
+        metrics = hierarchical_metrics(probs, labels, predictor.classes, files, group)
+    else:
+        metrics = metrics_from_probs(probs, labels, predictor.classes, files, group)
     metrics["bad_files"] = [{"file": str(b.path), "reason": b.reason} for b in bad]
     metrics["data"] = str(folder)
     metrics["tta"] = tta
@@ -125,4 +143,6 @@ def format_report(metrics: dict) -> str:
         lines.append(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {row['support']:>6}")
     for name, row in metrics.get("groups", {}).items():
         lines.append(f"group {name:<14} accuracy {row['accuracy']:.2%} (n={row['n']})")
+    for name, row in metrics.get("levels", {}).items():  # task = hierarchical
+        lines.append(f"{name:<20} accuracy {row['accuracy']:.2%} over {len(row['classes'])} classes")
     return "\n".join(lines)

@@ -183,3 +183,22 @@ class Predictor:
         img = src if isinstance(src, Image.Image) else open_image(src, name=name, draft_size=self.size)
         probs = self.predict_images([img.convert("RGB")])[0]
         return Prediction(self.classes[int(probs.argmax())], dict(zip(self.classes, probs.tolist(), strict=True)))
+
+
+def load_predictor(folder: str | Path, device: str | None = None, optimize: bool = False) -> Predictor:
+    """The predictor for models/NAME by model.json's "task": `Predictor` for single, its
+    hierarchical subclass (top-down paths) for hierarchical."""
+    meta_path = Path(folder) / META_FILE
+    task = "single"
+    if meta_path.is_file():
+        try:
+            task = json.loads(meta_path.read_text()).get("task", "single")
+        except (json.JSONDecodeError, AttributeError):
+            pass  # Predictor reports the broken file
+    if task == "hierarchical":
+        from .hierarchy import HierarchicalPredictor
+
+        return HierarchicalPredictor(folder, device=device, optimize=optimize)
+    if task != "single":
+        raise ToolkitError(f"{meta_path}: task {task!r} is not known to this toolkit")
+    return Predictor(folder, device=device, optimize=optimize)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +147,9 @@ def find_lr(learn, num_it: int, plot_path: Path) -> dict[str, float]:
 
 
 def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict:
-    """Train spec's classifier; write models/NAME/ and return its metrics (also in metrics.json)."""
+          log: Callable[[str], None] = print, out: Path | None = None, callbacks: Sequence = ()) -> dict:
+    """Train spec's classifier; write models/NAME/ (or `out`) and return its metrics (also in
+    metrics.json). `callbacks` are extra fastai callbacks for the fit (e.g. TensorBoard in sweeps)."""
     from fastai.callback.progress import CSVLogger
     from fastai.callback.tracker import SaveModelCallback
     from fastai.callback.training import BnFreeze
@@ -158,7 +159,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     from fastai.torch_core import set_seed
 
     started = time.time()
-    out = spec.models_dir
+    out = Path(out) if out else spec.models_dir
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(spec, data, progress=progress)
     log(f"data: {dataset.root} - {dataset.n_train} train, {dataset.n_valid} valid, "
@@ -179,7 +180,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     history = _loss_history_callback()
     (out / "history.csv").unlink(missing_ok=True)
     extra_cbs = [CSVLogger(fname="history.csv", append=True), history,
-                 SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)]
+                 SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False), *callbacks]
     # Frozen phase = the pretrained body as a fixed function: its batch norms stay in eval mode with
     # their ImageNet statistics (train_bn=False + BnFreeze), so no gradient flows through the body
     # (about 3x cheaper) and the head learns on exactly the features it will be served with.
@@ -208,17 +209,27 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     probs, targets = learn.get_preds(ds_idx=1)
     probs = probs.numpy()
     valid_files, valid_labels = dataset.subset(valid=True)
-    metrics = metrics_from_probs(probs, valid_labels, dataset.classes, valid_files, spec.group)
+    hierarchical = spec.task == "hierarchical"
+    if hierarchical:  # leaf metrics decoded top down, plus accuracy and confusion per level
+        from .hierarchy import depth, hierarchical_metrics, plot_levels
+
+        metrics = hierarchical_metrics(probs, valid_labels, dataset.classes, valid_files, spec.group)
+    else:
+        metrics = metrics_from_probs(probs, valid_labels, dataset.classes, valid_files, spec.group)
     fingerprint = data_fingerprint(dataset)
     meta = {"name": spec.name, "title": spec.display_title, "description": spec.description,
             "arch": spec.arch, "pretrained": spec.pretrained, "classes": dataset.classes, "size": spec.size,
             "mean": list(backbone.mean), "std": list(backbone.std), "group": spec.group,
             "data": {"dir": str(dataset.root), "fingerprint": fingerprint,
                      "n_train": dataset.n_train, "n_valid": dataset.n_valid}}
+    if hierarchical:
+        meta.update(task="hierarchical", levels=depth(dataset.classes), hierarchy=spec.hierarchy)
     export_model(learn.model, out, meta)
     learn.export(out / "export.pkl")
 
     plot_confusion(metrics, out / "confusion_matrix.png", title=f"{spec.name} validation")
+    if hierarchical:
+        plot_levels(metrics, out, f"{spec.name} validation")
     plot_losses(history, out / "losses.png")
     from .data import load_resized
 
@@ -237,4 +248,6 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"valid accuracy {metrics['accuracy']:.2%} on {metrics['n']} images; "
         f"{metrics['train_images_per_second']} train images/s; wrote {out}")
+    for name, level in metrics.get("levels", {}).items():
+        log(f"  {name}: accuracy {level['accuracy']:.2%} over {len(level['classes'])} classes")
     return metrics
