@@ -228,3 +228,14 @@ def test_dashboard_shows_the_path_and_the_app_executes(hier_project, held_out, m
     assert not [o for o in outputs if o.output_type == "error"], outputs
     bundles = [o.get("data", {}) for o in outputs if o.output_type == "execute_result"]
     assert any("application/vnd.jupyter.widget-view+json" in b for b in bundles), outputs
+
+
+def test_sweep_of_a_hierarchical_classifier_logs_each_level(hier_project):
+    from toolkit.sweep import sweep
+
+    spec = load_settings(hier_project / "settings.ini").get("fashion-items")
+    (row,) = sweep(spec, "size=48", progress=False, log=lambda line: None)
+    assert row["combo"] == "size=48" and float(row["level1_accuracy"]) >= float(row["level2_accuracy"])
+    folder = hier_project / "models" / "fashion-items" / "sweep"
+    assert "level1_accuracy | level2_accuracy" in (folder / "sweep.md").read_text()
+    assert json.loads((folder / "size=48" / "model.json").read_text())["task"] == "hierarchical"
