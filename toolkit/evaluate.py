@@ -90,11 +90,24 @@ def plot_confusion(metrics: dict, path: Path, title: str = "Confusion matrix") -
     return path
 
 
+def predict_files(predictor: Predictor, files: Sequence[Path], *, tta: bool = False, bs: int = 64,
+                  progress: bool = True) -> np.ndarray:
+    """(N, classes) probabilities of image files, in batches, preprocessed as validation is."""
+    import torch
+
+    from .data import load_resized
+
+    out = [np.zeros((0, len(predictor.classes)), dtype=np.float32)]
+    for start in progress_iter(range(0, len(files), bs), label="evaluating", enabled=progress):
+        arrays = [load_resized(f, predictor.size) for f in files[start : start + bs]]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+        out.append(predictor.predict_tensors(batch, tta=tta))
+    return np.concatenate(out)
+
+
 def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, group: str = "",
                     bs: int = 64, progress: bool = True) -> dict:
     """Predict every image of folder/<class>/ and score it; bad files are listed, not fatal."""
-    from .data import load_resized
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ToolkitError(f"evaluation folder {folder} not found")
@@ -115,14 +128,7 @@ def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, gr
     good_set = set(good)
     labels = [y for f, y in zip(files, labels) if f in good_set]
     files = good
-    import torch
-
-    out = []
-    for start in progress_iter(range(0, len(files), bs), label="evaluating", enabled=progress):
-        arrays = [load_resized(f, predictor.size) for f in files[start : start + bs]]
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-        out.append(predictor.predict_tensors(batch, tta=tta))
-    probs = np.concatenate(out)
+    probs = predict_files(predictor, files, tta=tta, bs=bs, progress=progress)
     if hierarchical:
         from .hierarchy import hierarchical_metrics
 

@@ -138,12 +138,18 @@ def decode(probs: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, np.nd
 
 
 def hierarchical_metrics(probs: np.ndarray, labels: Sequence[str], classes: Sequence[str],
-                         files: Sequence[Path] | None = None, group: str = "") -> dict:
-    """`metrics_from_probs` over the leaves, decoded top down, plus `levels`: one metrics_from_probs
-    per level (accuracy, per-class, confusion) and `decode`."""
-    leaf, _ = decode(probs, classes) if len(labels) else (np.zeros(0, dtype=int), None)
+                         files: Sequence[Path] | None = None, group: str = "", decoding: str = "top-down") -> dict:
+    """`metrics_from_probs` over the leaves plus `levels`: one metrics_from_probs per level
+    (accuracy, per-class, confusion) and `decode`. `decoding` is "top-down" (what predictions
+    show) or "leaf" (the most probable leaf, collapsed to its parents: a flat classifier's view)."""
+    if decoding not in ("top-down", "leaf"):
+        raise ValueError(f"decoding {decoding!r}: use 'top-down' or 'leaf'")
+    if not len(labels):
+        leaf = np.zeros(0, dtype=int)
+    else:
+        leaf = decode(probs, classes)[0] if decoding == "top-down" else np.asarray(probs).argmax(axis=1)
     metrics = metrics_from_probs(probs, labels, classes, files, group, predicted=leaf)
-    metrics["decode"] = "top-down"
+    metrics["decode"] = decoding
     metrics["levels"] = {}
     for level in range(1, depth(classes) + 1):
         nodes, matrix = level_matrix(classes, level)
