@@ -217,6 +217,12 @@ def test_dashboard_shows_the_path_and_the_app_executes(hier_project, held_out, m
     (result,) = board.handle_files([{"name": photo.name, "content": photo.read_bytes()}])
     assert 'class="toolkit-path"' in result.preds.value and result.label in board.classes
     assert "accuracy per level" in board.card.value
+    result.right.value = "bottoms/pants"  # feedback on a path lands in nested folders, trainable as is
+    saved = result.save_feedback()
+    assert saved.parent == hier_project / "feedback" / "fashion-items" / "bottoms" / "pants"
+    result.right.value = "bottoms/../x"
+    with pytest.raises(ToolkitError, match="a path such as tops/shirt"):
+        result.save_feedback()
     monkeypatch.setenv("PYTHONPATH", cli_env()["PYTHONPATH"])
     monkeypatch.delenv("TOOLKIT_SETTINGS", raising=False)
     generated = next(p for p in write_apps(hier_project / "settings.ini") if p.name == "fashion-items.ipynb")
@@ -239,3 +245,13 @@ def test_sweep_of_a_hierarchical_classifier_logs_each_level(hier_project):
     folder = hier_project / "models" / "fashion-items" / "sweep"
     assert "level1_accuracy | level2_accuracy" in (folder / "sweep.md").read_text()
     assert json.loads((folder / "size=48" / "model.json").read_text())["task"] == "hierarchical"
+
+
+def test_clean_top_losses_speak_in_class_folders(hier_project):
+    from toolkit.clean.rank import list_raw_images, top_losses
+
+    spec = load_settings(hier_project / "settings.ini").get("fashion-items")
+    raw = list_raw_images(spec)
+    rows = top_losses(spec, raw)
+    assert len(rows) == len(raw.files) == 5 * (28 + 8)
+    assert {r["given"] for r in rows} == set(FOLDERS) and {r["predicted"] for r in rows} <= set(FOLDERS)

@@ -215,7 +215,12 @@ class ImageResult:
         label = (self.right.value or "").strip()
         if not label:
             raise ToolkitError("type or pick the right label first")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}", label):
+        part = r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}"
+        if hasattr(self.board.predictor, "path_of"):  # task = hierarchical: a path, saved as nested folders
+            if not re.fullmatch(rf"{part}(/{part})*", label):
+                raise ToolkitError(f"label {label!r}: a path such as tops/shirt of letters, digits, spaces, '.', "
+                                   "'_' or '-'")
+        elif not re.fullmatch(part, label):
             raise ToolkitError(f"label {label!r}: use letters, digits, spaces, '.', '_' or '-'")
         path = self.board.save_feedback(self.img, label, self.name, self.probs)
         self.saved.value = f'<span class="toolkit-ok">saved as {html.escape(label)}: {html.escape(path.name)}</span>'
