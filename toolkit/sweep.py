@@ -134,7 +134,8 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
     import numpy as np
 
     order = ranked(rows)[::-1]
-    series = [c for c in _metric_columns(rows) if c.endswith("accuracy")]
+    levels = [c for c in _metric_columns(rows) if c.endswith("_accuracy")]
+    series = levels or ["accuracy"]  # hierarchical: the deepest level's accuracy is `accuracy`
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(order) * max(1, len(series) / 2)))
     height = 0.8 / len(series)
     y = np.arange(len(order))
@@ -143,11 +144,11 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
         bars = ax.barh(y + i * height, values, height=height, label=column)
         ax.bar_label(bars, labels=[f"{v:.1%}" for v in values], fontsize=7, padding=2)
     ax.set_yticks(y + height * (len(series) - 1) / 2, [r["combo"] for r in order], fontsize=8)
-    ax.set_xlim(0, 1.1)
+    ax.set_xlim(0, 1.12)
     ax.set_xlabel("validation accuracy")
     ax.set_title("Sweep: validation accuracy per combination")
     if len(series) > 1:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
