@@ -43,7 +43,7 @@ def split_path(path: str) -> list[str]:
 def check_paths(paths: Sequence[str]) -> None:
     """ValueError when a class is also the parent of another class (its images would have no leaf)."""
     leaves = set(paths)
-    for path in leaves:
+    for path in sorted(leaves):  # the same message every run
         parts = path.split(SEP)
         for depth in range(1, len(parts)):
             parent = SEP.join(parts[:depth])
