@@ -97,7 +97,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"plots: {out / 'lr_find.png'}, {out / 'losses.png'}, {out / 'confusion_matrix.png'}, "
           f"{out / 'top_losses.png'}")
     if args.json:
-        print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "per_class", "groups")}))
+        print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "per_class", "groups", "levels") if k in metrics}))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train every combination of --grid into models/NAME/sweep/ (TensorBoard, CSV, table, plot);
+    --best writes the winner's values into settings.ini."""
+    from .sweep import CSV_NAME, PLOT_NAME, TABLE_NAME, apply_best, parse_grid, ranked, sweep
+
+    settings = _settings(args)
+    spec = settings.get(args.name)
+    if not args.grid and not args.best:
+        raise ToolkitError('sweep needs --grid "KEY=V1,V2 ..." (e.g. --grid "lr=1e-3,3e-3 size=96"), --best, or both')
+    if args.grid:
+        grid = parse_grid(args.grid)  # a bad key or value fails before any training
+        rows = sweep(spec, grid, args.data, progress=not args.quiet, log=lambda line: print(line, flush=True))
+        folder = spec.models_dir / "sweep"
+        print(f"wrote {folder / CSV_NAME}, {folder / TABLE_NAME} and {folder / PLOT_NAME}")
+        if args.json:
+            print(json.dumps(ranked(rows)))
+    if args.best:
+        values = apply_best(settings.path, spec)
+        print(f"best: set {' '.join(f'{k} = {v}' for k, v in values.items())} in [{spec.name}] of {settings.path}")
     return 0
 
 
@@ -123,6 +145,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out.mkdir(exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion(metrics, out / "confusion_matrix.png", title=f"{spec.name} on {Path(data).name}")
+    if metrics.get("levels"):  # task = hierarchical: one confusion matrix per level
+        from .hierarchy import plot_levels
+
+        plot_levels(metrics, out, f"{spec.name} on {Path(data).name}")
     for bad in metrics["bad_files"]:
         print(f"skipped: {bad['reason']}", file=sys.stderr)
     if args.json:
@@ -151,10 +177,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        results.append({"file": file, "label": prediction.label,
-                        "probs": {k: round(v, 5) for k, v in prediction.probs.items()}})
+        row = {"file": file, "label": prediction.label, "probs": {k: round(v, 5) for k, v in prediction.probs.items()}}
+        path = getattr(prediction, "path", None)  # task = hierarchical: (node, probability) per level
+        if path:
+            row["path"] = [{"node": node, "probability": round(p, 5)} for node, p in path]
+        results.append(row)
         if not args.json:
-            print(f"{file}\t{prediction.label}\t{prediction.probability:.3f}", flush=True)
+            shown = " > ".join(f"{node} {p:.3f}" for node, p in path) if path else ""
+            print(f"{file}\t{prediction.label}\t{prediction.probability:.3f}" + (f"\t{shown}" if shown else ""),
+                  flush=True)
     if args.json:
         print(json.dumps(results))
     return 1 if failed else 0
@@ -340,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--bs", type=int)
     p.add_argument("--json", action="store_true")
+
+    p = add("sweep", cmd_sweep)
+    p.add_argument("name")
+    p.add_argument("--grid", help='values to try, e.g. "lr=1e-3,3e-3 size=96,128 arch=resnet18,efficientnet_lite0"')
+    p.add_argument("--best", action="store_true", help="write the best run's values into settings.ini")
+    p.add_argument("--data", type=Path, help="class folders, or train/ + valid/ class folders")
+    p.add_argument("--json", action="store_true", help="print every run's row as JSON, best first")
 
     p = add("evaluate", cmd_evaluate)
     p.add_argument("name")

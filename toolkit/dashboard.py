@@ -162,6 +162,9 @@ def model_card_html(spec: ClassifierSpec, meta: dict[str, Any]) -> str:
         per_class = metrics.get("per_class", {})
         if per_class:
             rows.append(("per-class F1", ", ".join(f"{c} {v.get('f1', 0):.2f}" for c, v in per_class.items())))
+    if metrics.get("levels"):  # task = hierarchical
+        rows.append(("accuracy per level", ", ".join(f"{name} {m['accuracy']:.1%}"
+                                                     for name, m in metrics["levels"].items())))
     if "accuracy" in evaluation:
         rows.append(("evaluation accuracy", f"{evaluation['accuracy']:.1%} on {evaluation.get('n', '?')} images"))
     cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
@@ -176,6 +179,12 @@ class ImageResult:
                  seconds: float, decode_seconds: float, note: str = ""):
         self.board, self.name, self.img, self.probs = board, name, img, probs
         self.label = max(probs, key=probs.get)
+        path_line = ""
+        if hasattr(board.predictor, "path_of"):  # task = hierarchical: one consistent path, a probability per level
+            from .hierarchy import path_html
+
+            path = board.predictor.path_of(probs)
+            self.label, path_line = path[-1][0], path_html(path)
         self.thumb = widgets.Image(value=_png(_shrunk(img, THUMB)), format="jpeg")
         self.thumb.add_class("toolkit-thumb")
         self.cam = widgets.Image(format="jpeg", layout=widgets.Layout(display="none"))
@@ -183,7 +192,7 @@ class ImageResult:
         self.cam_done = False
         title = widgets.HTML(f"<b class='toolkit-name'>{html.escape(name)}</b>"
                              + (f" <i>({html.escape(note)})</i>" if note else ""))
-        self.preds = widgets.HTML(probability_bars(probs))
+        self.preds = widgets.HTML(path_line + probability_bars(probs))
         self.preds.add_class("toolkit-predictions")
         self.timing = widgets.HTML(
             f'<span class="toolkit-time">inference {seconds * 1000:.0f} ms '
@@ -213,7 +222,12 @@ class ImageResult:
         label = (self.right.value or "").strip()
         if not label:
             raise ToolkitError("type or pick the right label first")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}", label):
+        part = r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}"
+        if hasattr(self.board.predictor, "path_of"):  # task = hierarchical: a path, saved as nested folders
+            if not re.fullmatch(rf"{part}(/{part})*", label):
+                raise ToolkitError(f"label {label!r}: a path such as tops/shirt of letters, digits, spaces, '.', "
+                                   "'_' or '-'")
+        elif not re.fullmatch(part, label):
             raise ToolkitError(f"label {label!r}: use letters, digits, spaces, '.', '_' or '-'")
         path = self.board.save_feedback(self.img, label, self.name, self.probs)
         self.saved.value = f'<span class="toolkit-ok">saved as {html.escape(label)}: {html.escape(path.name)}</span>'

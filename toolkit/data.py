@@ -56,14 +56,16 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
-def list_labelled_images(folder: Path) -> tuple[list[Path], list[str]]:
-    """Files of `folder/<class>/...` (nested folders count for their top class), sorted."""
+def list_labelled_images(folder: Path, nested: bool = False) -> tuple[list[Path], list[str]]:
+    """Files of `folder/<class>/...`, sorted. Nested folders count for their top class, or with
+    `nested` (task = hierarchical) are the label path: `shoes/female/sandals/x.jpg` ->
+    `shoes/female/sandals`."""
     files, labels = [], []
     for class_dir in _class_folders(folder):
         for path in sorted(class_dir.rglob("*")):
             if path.is_file() and is_image_name(path):
                 files.append(path)
-                labels.append(class_dir.name)
+                labels.append(path.parent.relative_to(folder).as_posix() if nested else class_dir.name)
     return files, labels
 
 
@@ -132,16 +134,17 @@ def load_dataset(spec: ClassifierSpec, data: Path | None = None, *, progress: bo
     root = find_data_dir(spec, data)
     train_root = root / "train" if (root / "train").is_dir() else None
     valid_root = _valid_folder(root)
+    nested = spec.task == "hierarchical" and not spec.hierarchy
     if train_root and valid_root and spec.split in ("auto", "folder"):
-        train_files, train_labels = list_labelled_images(train_root)
-        valid_files, valid_labels = list_labelled_images(valid_root)
+        train_files, train_labels = list_labelled_images(train_root, nested)
+        valid_files, valid_labels = list_labelled_images(valid_root, nested)
         files = train_files + valid_files
         labels = train_labels + valid_labels
         is_valid = [False] * len(train_files) + [True] * len(valid_files)
     else:
         if spec.split == "folder":
             raise ToolkitError(f"split = folder but {root} has no train/ and valid/ folders")
-        files, labels = list_labelled_images(train_root or root)
+        files, labels = list_labelled_images(train_root or root, nested)
         is_valid = []
     if spec.classes:
         known = set(spec.classes)
@@ -154,6 +157,15 @@ def load_dataset(spec: ClassifierSpec, data: Path | None = None, *, progress: bo
             raise ToolkitError(f"[{spec.name}] classes {sorted(missing)} have no images in {root}")
     if not files:
         raise ToolkitError(f"no image files in {root} (expected {root}/<class>/<image>)")
+    if spec.task == "hierarchical":  # labels become paths such as tops/shirt
+        from .hierarchy import check_paths, to_paths
+
+        if spec.hierarchy:
+            labels = to_paths(labels, spec.hierarchy, f"[{spec.name}] hierarchy ({root})")
+        try:
+            check_paths(labels)
+        except ValueError as exc:
+            raise ToolkitError(f"[{spec.name}] {root}: {exc}") from None
 
     good, bad = verify_images(files, progress=progress)
     good_set = set(good)

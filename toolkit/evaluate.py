@@ -35,20 +35,26 @@ def accuracy_by(correct: Sequence[bool], names: Sequence[str]) -> dict[str, dict
 
 def metrics_from_probs(probs: np.ndarray, labels: Sequence[str], classes: Sequence[str],
                        files: Sequence[Path] | None = None, group: str = "",
-                       group_names: Sequence[str] | None = None) -> dict:
+                       group_names: Sequence[str] | None = None, predicted: np.ndarray | None = None) -> dict:
     """accuracy, n, per_class {precision, recall, f1, support}, confusion, groups {name: accuracy}.
-    Groups come from `group_names` (one per item) or from the `group` regex on the file names."""
+
+    Groups come from `group_names` (one per item) or from the `group` regex on the file names.
+    `predicted` (class indices) replaces the argmax of `probs` where a task decodes otherwise
+    (task = hierarchical decodes top down)."""
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise ToolkitError(f"labels {unknown} are not classes of this model ({', '.join(classes)})")
     true_idx = np.array([index[y] for y in labels], dtype=int)
-    pred_idx = probs.argmax(axis=1) if len(labels) else np.zeros(0, dtype=int)
+    if predicted is not None:
+        pred_idx = np.asarray(predicted, dtype=int)
+    else:
+        pred_idx = probs.argmax(axis=1) if len(labels) else np.zeros(0, dtype=int)
     matrix = confusion(true_idx, pred_idx, len(classes))
     per_class = {}
     for i, name in enumerate(classes):
-        tp, predicted, actual = matrix[i, i], matrix[:, i].sum(), matrix[i, :].sum()
-        precision = tp / predicted if predicted else 0.0
+        tp, n_predicted, actual = matrix[i, i], matrix[:, i].sum(), matrix[i, :].sum()
+        precision = tp / n_predicted if n_predicted else 0.0
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": round(float(precision), 4), "recall": round(float(recall), 4),
@@ -91,15 +97,34 @@ def plot_confusion(metrics: dict, path: Path, title: str = "Confusion matrix") -
     return path
 
 
+def predict_files(predictor: Predictor, files: Sequence[Path], *, tta: bool = False, bs: int = 64,
+                  progress: bool = True) -> np.ndarray:
+    """(N, classes) probabilities of image files, in batches, preprocessed as validation is."""
+    import torch
+
+    from .data import load_resized
+
+    out = [np.zeros((0, len(predictor.classes)), dtype=np.float32)]
+    for start in progress_iter(range(0, len(files), bs), label="evaluating", enabled=progress):
+        arrays = [load_resized(f, predictor.size) for f in files[start : start + bs]]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+        out.append(predictor.predict_tensors(batch, tta=tta))
+    return np.concatenate(out)
+
+
 def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, group: str = "",
                     bs: int = 64, progress: bool = True) -> dict:
     """Predict every image of folder/<class>/ and score it; bad files are listed, not fatal."""
-    from .data import load_resized
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ToolkitError(f"evaluation folder {folder} not found")
-    files, labels = list_labelled_images(folder)
+    hierarchical = predictor.meta.get("task") == "hierarchical"
+    if hierarchical:
+        from .hierarchy import list_paths
+
+        files, labels = list_paths(folder, predictor.meta.get("hierarchy"))
+    else:
+        files, labels = list_labelled_images(folder)
     if not files:
         raise ToolkitError(f"no images in {folder} (expected {folder}/<class>/<image>)")
     unknown = sorted(set(labels) - set(predictor.classes))
@@ -110,15 +135,13 @@ def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, gr
     good_set = set(good)
     labels = [y for f, y in zip(files, labels) if f in good_set]
     files = good
-    import torch
+    probs = predict_files(predictor, files, tta=tta, bs=bs, progress=progress)
+    if hierarchical:
+        from .hierarchy import hierarchical_metrics
 
-    out = []
-    for start in progress_iter(range(0, len(files), bs), label="evaluating", enabled=progress):
-        arrays = [load_resized(f, predictor.size) for f in files[start : start + bs]]
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-        out.append(predictor.predict_tensors(batch, tta=tta))
-    probs = np.concatenate(out)
-    metrics = metrics_from_probs(probs, labels, predictor.classes, files, group)
+        metrics = hierarchical_metrics(probs, labels, predictor.classes, files, group)
+    else:
+        metrics = metrics_from_probs(probs, labels, predictor.classes, files, group)
     metrics["bad_files"] = [{"file": str(b.path), "reason": b.reason} for b in bad]
     metrics["data"] = str(folder)
     metrics["tta"] = tta
@@ -133,4 +156,6 @@ def format_report(metrics: dict) -> str:
         lines.append(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {row['support']:>6}")
     for name, row in metrics.get("groups", {}).items():
         lines.append(f"group {name:<14} accuracy {row['accuracy']:.2%} (n={row['n']})")
+    for name, row in metrics.get("levels", {}).items():  # task = hierarchical
+        lines.append(f"{name:<20} accuracy {row['accuracy']:.2%} over {len(row['classes'])} classes")
     return "\n".join(lines)

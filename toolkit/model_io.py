@@ -115,12 +115,19 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def load_predictor(folder: str | Path, device: str | None = None, optimize: bool = False) -> Predictor:
-    """The predictor model.json's "task" calls for: `Predictor` (single) or `pairs.PairPredictor`."""
+    """The predictor model.json's "task" calls for: `Predictor` (single), `pairs.PairPredictor`
+    or `hierarchy.HierarchicalPredictor` (top-down paths)."""
     task = read_meta(folder).get("task", "single")
     if task == "pairs":
         from .pairs import PairPredictor
 
         return PairPredictor(folder, device=device, optimize=optimize)
+    if task == "hierarchical":
+        from .hierarchy import HierarchicalPredictor
+
+        return HierarchicalPredictor(folder, device=device, optimize=optimize)
+    if task != "single":
+        raise ToolkitError(f"{Path(folder) / META_FILE}: task {task!r} is not known to this toolkit")
     return Predictor(folder, device=device, optimize=optimize)
 
 

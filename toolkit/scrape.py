@@ -803,39 +803,24 @@ def _accept(outcome: Outcome, root: Path, target_dir: Path, index: _Index) -> di
 
 
 def add_class_to_settings(settings_path: Path, section: str, cls: str, existing: Iterable[str] = ()) -> bool:
-    """Append `cls` to [section]'s `classes` in settings.ini, editing the text so comments stay.
+    """Append `cls` to [section]'s `classes` in settings.ini (`settings.set_keys`: comments stay).
 
     Returns False when the class is already listed. Without a `classes` key one is added holding
     `existing` (the classes found so far) and the new one.
     """
+    from .settings import _parse_list, read_config, set_keys
+
     cls = cls.strip()
     if not cls or "," in cls or "\n" in cls:
         raise ScrapeError(f"--add-class {cls!r}: a class name must be non-empty and hold no comma")
-    text = settings_path.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    header = re.compile(r"^\s*\[([^\]]+)\]\s*$")
-    start = next((i for i, line in enumerate(lines) if (m := header.match(line)) and m.group(1).strip() == section),
-                 None)
-    if start is None:
+    config = read_config(Path(settings_path))
+    if not config.has_section(section):
         raise ScrapeError(f"{settings_path}: no [{section}] section to add {cls!r} to")
-    end = next((i for i in range(start + 1, len(lines)) if header.match(lines[i])), len(lines))
-    key_line = next((i for i in range(start + 1, end) if re.match(r"^classes\s*[=:]", lines[i])), None)
-    if key_line is None:
-        names = [*dict.fromkeys([*existing, cls])]
-        insert_at = start + 1
-        while insert_at < end and lines[insert_at].lstrip().startswith(("#", ";")):
-            insert_at += 1
-        lines.insert(insert_at, f"classes = {', '.join(names)}\n")
-    else:
-        last = key_line
-        while last + 1 < end and lines[last + 1][:1] in (" ", "\t") and lines[last + 1].strip():
-            last += 1
-        value = "".join(lines[key_line:last + 1]).split("=", 1)[-1] if "=" in lines[key_line] else ""
-        current = [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
+    if config.has_option(section, "classes"):
+        current = _parse_list(config.get(section, "classes"))
         if cls in current:
             return False
-        body = lines[last].rstrip("\r\n")
-        ending = lines[last][len(body):] or "\n"
-        lines[last] = f"{body}, {cls}{ending}" if current else f"{body} {cls}{ending}"
-    _atomic_write(settings_path, "".join(lines).encode("utf-8"))
+    else:
+        current = list(existing)
+    set_keys(settings_path, section, {"classes": ", ".join(dict.fromkeys([*current, cls]))})
     return True

@@ -9,6 +9,7 @@ relative to the settings file's folder, which is the project root (`scrape/`, `c
 from __future__ import annotations
 
 import configparser
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -17,7 +18,7 @@ from typing import Any
 
 from .errors import SettingsError
 
-TASKS = ("single", "pairs")
+TASKS = ("single", "pairs", "hierarchical")
 APPROACHES = ("stacked", "siamese", "both")
 # shoe-pairs names: u001_2_left_w.jpg = person u001, pair 2, left shoe, women's
 DEFAULT_PAIR_RULE = r"^(?P<person>[^_]+)_(?P<pair>[^_]+)_(?P<side>left|right)_(?P<group>[^_.]+)\."
@@ -82,6 +83,13 @@ def _parse_task(value: str) -> str:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return task
+
+
+def _parse_hierarchy(value: str) -> dict[str, str]:
+    """`PATH` or `FOLDER: PATH` items (comma or line separated) -> {folder: path}; see toolkit/hierarchy.py."""
+    from .hierarchy import parse_hierarchy
+
+    return parse_hierarchy(value)
 
 
 def _parse_split(value: str) -> str:
@@ -198,6 +206,8 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "lr": (_parse_lr, "auto", "learning rate, or auto for the lr_find valley"),
     "lr_find_iters": (_parse_positive_int, "40", "mini-batches lr_find tries"),
     "lr_mult": (_parse_lr_mult, "100", "unfrozen: the head's lr over the earliest layers' (fastai's lr_mult)"),
+    "hierarchy": (_parse_hierarchy, "", "task = hierarchical: data folders as label paths, 'tops/shirt' or "
+                  "'FOLDER: tops/shirt' items (default: nested folders shoes/female/sandals/ are the paths)"),
     "split": (_parse_split, "auto", "validation split: " + SPLIT_HELP),
     "valid_pct": (float, "0.2", "validation fraction for split = random or group"),
     "group": (_parse_regex, "", "regex on the file name whose first group names the group"),
@@ -243,6 +253,7 @@ class ClassifierSpec:
     lr: float | None = None
     lr_find_iters: int = 40
     lr_mult: float = 100.0
+    hierarchy: dict[str, str] = field(default_factory=dict)
     split: str = "auto"
     valid_pct: float = 0.2
     group: str = ""
@@ -315,6 +326,17 @@ class Settings:
         return self.classifiers[name]
 
 
+def _check_hierarchy(spec: ClassifierSpec) -> None:
+    """`hierarchy` belongs to task = hierarchical and must map every listed class."""
+    if spec.hierarchy and spec.task != "hierarchical":
+        raise SettingsError(f"settings [{spec.name}] hierarchy is set but task = {spec.task}; "
+                            "add task = hierarchical or remove hierarchy")
+    missing = [c for c in spec.classes if c not in spec.hierarchy] if spec.hierarchy else []
+    if missing:
+        raise SettingsError(f"settings [{spec.name}] hierarchy has no path for class(es) {', '.join(missing)}; "
+                            f"add e.g. '{missing[0]}: parent/{missing[0]}'")
+
+
 def read_config(path: Path) -> configparser.ConfigParser:
     """The raw ConfigParser (interpolation off, key case kept), or a one-line SettingsError."""
     if not path.is_file():
@@ -347,5 +369,45 @@ def load_settings(path: str | Path = "settings.ini") -> Settings:
             if key not in KEYS:
                 raise SettingsError(f"settings [{section}] has unknown key {key!r}; known: {', '.join(KEYS)}")
             values[key] = _check(section, key, raw)
-        classifiers[section] = ClassifierSpec(name=section, root=path.parent, **values)
+        classifiers[section] = spec = ClassifierSpec(name=section, root=path.parent, **values)
+        _check_hierarchy(spec)
     return Settings(path=path, classifiers=classifiers)
+
+
+def set_keys(path: str | Path, section: str, values: dict[str, str]) -> None:
+    """Set `key = value` lines of [section] in settings.ini, editing the text so comments, order
+    and other sections stay as written. Each value is checked by its `KEYS` parser first; a key
+    already there is replaced in place (with its continuation lines), a new one is added at the
+    end of the section."""
+    path = Path(path)
+    for key, raw in values.items():
+        if key not in KEYS:
+            raise SettingsError(f"settings [{section}] has unknown key {key!r}; known: {', '.join(KEYS)}")
+        _check(section, key, str(raw))
+    if not path.is_file():
+        raise SettingsError(f"settings file {path} not found (pass --settings PATH)")
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    header = re.compile(r"^\s*\[([^\]]+)\]\s*$")
+    start = next((i for i, line in enumerate(lines) if (m := header.match(line)) and m.group(1).strip() == section),
+                 None)
+    if start is None:
+        raise SettingsError(f"{path}: no [{section}] section to set {', '.join(values)} in")
+    for key, raw in values.items():
+        end = next((i for i in range(start + 1, len(lines)) if header.match(lines[i])), len(lines))
+        new = f"{key} = {str(raw).strip()}\n"
+        found = next((i for i in range(start + 1, end) if re.match(rf"^{re.escape(key)}\s*[=:]", lines[i])), None)
+        if found is None:
+            at = end
+            while at > start + 1 and not lines[at - 1].strip():
+                at -= 1
+            if not lines[at - 1].endswith("\n"):
+                lines[at - 1] += "\n"
+            lines.insert(at, new)
+        else:
+            last = found
+            while last + 1 < end and lines[last + 1][:1] in (" ", "\t") and lines[last + 1].strip():
+                last += 1
+            lines[found:last + 1] = [new]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -167,9 +167,11 @@ def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split,
     return learn
 
 
-def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], None] = print) -> dict:
+def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], None] = print,
+                callbacks: Sequence = ()) -> dict:
     """lr_find (plotted to out/lr_find.png) then fine_tune with the CSV log, the loss history and the
-    best epoch across both phases loaded back; returns lr, lr_find, history and fit_seconds."""
+    best epoch across both phases loaded back; returns lr, lr_find, history and fit_seconds.
+    `callbacks` are extra fastai callbacks for the fit (e.g. TensorBoard in sweeps)."""
     from fastai.callback.progress import CSVLogger
     from fastai.callback.tracker import SaveModelCallback
 
@@ -180,7 +182,7 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     history = _loss_history_callback()
     (out / "history.csv").unlink(missing_ok=True)
     extra_cbs = [CSVLogger(fname="history.csv", append=True), history,
-                 SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)]
+                 SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False), *callbacks]
     fit_started = time.time()
     if spec.pretrained:
         learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, lr_mult=spec.lr_mult,
@@ -193,8 +195,9 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
 
 
 def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict:
-    """Train spec's classifier; write models/NAME/ and return its metrics (also in metrics.json)."""
+          log: Callable[[str], None] = print, out: Path | None = None, callbacks: Sequence = ()) -> dict:
+    """Train spec's classifier; write models/NAME/ (or `out`) and return its metrics (also in
+    metrics.json). `callbacks` are extra fastai callbacks for the fit (e.g. TensorBoard in sweeps)."""
     from fastai.torch_core import set_seed
 
     if spec.task == "pairs":  # shoe pairs: stacked and/or two-input models (toolkit/pairs.py)
@@ -202,7 +205,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
 
         return train_pairs(spec, data, progress=progress, log=log)
     started = time.time()
-    out = spec.models_dir
+    out = Path(out) if out else spec.models_dir
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(spec, data, progress=progress)
     log(f"data: {dataset.root} - {dataset.n_train} train, {dataset.n_valid} valid, "
@@ -221,24 +224,34 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
                            progress=progress)
     model = create_model(spec.arch, len(dataset.classes), pretrained=spec.pretrained)
     learn = make_learner(dls, model, out, pretrained=spec.pretrained, progress=progress)
-    fitted = fit_learner(learn, spec, out, log)
+    fitted = fit_learner(learn, spec, out, log, callbacks=callbacks)
     lr, found, history, fit_seconds = fitted["lr"], fitted["lr_find"], fitted["history"], fitted["fit_seconds"]
     epochs_run = spec.epochs + spec.freeze_epochs
 
     probs, targets = learn.get_preds(ds_idx=1)
     probs = probs.numpy()
     valid_files, valid_labels = dataset.subset(valid=True)
-    metrics = metrics_from_probs(probs, valid_labels, dataset.classes, valid_files, spec.group)
+    hierarchical = spec.task == "hierarchical"
+    if hierarchical:  # leaf metrics decoded top down, plus accuracy and confusion per level
+        from .hierarchy import depth, hierarchical_metrics, plot_levels
+
+        metrics = hierarchical_metrics(probs, valid_labels, dataset.classes, valid_files, spec.group)
+    else:
+        metrics = metrics_from_probs(probs, valid_labels, dataset.classes, valid_files, spec.group)
     fingerprint = data_fingerprint(dataset)
     meta = {"name": spec.name, "title": spec.display_title, "description": spec.description,
             "arch": spec.arch, "pretrained": spec.pretrained, "classes": dataset.classes, "size": spec.size,
             "mean": list(backbone.mean), "std": list(backbone.std), "group": spec.group,
             "data": {"dir": str(dataset.root), "fingerprint": fingerprint,
                      "n_train": dataset.n_train, "n_valid": dataset.n_valid}}
+    if hierarchical:
+        meta.update(task="hierarchical", levels=depth(dataset.classes), hierarchy=spec.hierarchy)
     export_model(learn.model, out, meta)
     learn.export(out / "export.pkl")
 
     plot_confusion(metrics, out / "confusion_matrix.png", title=f"{spec.name} validation")
+    if hierarchical:
+        plot_levels(metrics, out, f"{spec.name} validation")
     plot_losses(history, out / "losses.png")
     from .data import load_resized
 
@@ -257,4 +270,6 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"valid accuracy {metrics['accuracy']:.2%} on {metrics['n']} images; "
         f"{metrics['train_images_per_second']} train images/s; wrote {out}")
+    for name, level in metrics.get("levels", {}).items():
+        log(f"  {name}: accuracy {level['accuracy']:.2%} over {len(level['classes'])} classes")
     return metrics

@@ -279,17 +279,20 @@ def top_losses(spec: ClassifierSpec, raw: RawImages, *, model_dir: Path | None =
     if not (folder / META_FILE).is_file():
         return []
     predictor = Predictor(folder, device="cpu")
-    idx = [i for i, y in enumerate(raw.labels) if y in predictor.classes]
+    paths = predictor.meta.get("hierarchy") or {}  # task = hierarchical: class folder -> leaf path
+    folder_of = {path: name for name, path in paths.items()}
+    idx = [i for i, y in enumerate(raw.labels) if paths.get(y, y) in predictor.classes]
     rows = []
     for start in range(0, len(idx), 64):
         chunk = idx[start : start + 64]
         images = [open_image(raw.files[i], draft_size=predictor.size) for i in chunk]
         probs = predictor.predict_images(images)
         for i, p in zip(chunk, probs, strict=False):
-            given = predictor.classes.index(raw.labels[i])
+            given = predictor.classes.index(paths.get(raw.labels[i], raw.labels[i]))
             pred = int(p.argmax())
+            predicted = predictor.classes[pred]
             rows.append({"file": relname(raw.root, raw.files[i]), "given": raw.labels[i],
-                         "predicted": predictor.classes[pred], "prob": round(float(p[pred]), 5),
+                         "predicted": folder_of.get(predicted, predicted), "prob": round(float(p[pred]), 5),
                          "loss": round(float(-np.log(max(float(p[given]), 1e-12))), 5),
                          "score": round(float(p[given]), 5), "split": raw.split_of(i)})
     rows.sort(key=lambda r: -r["loss"])
