@@ -501,7 +501,7 @@ def train_approach(spec: ClassifierSpec, approach: str, pair_data: PairData, out
     splitter = siamese_split if approach == "siamese" else body_head_split
     learn = make_learner(dls, model, out, splitter=splitter, pretrained=spec.pretrained, progress=progress)
     log(f"{approach}: training on {len(pair_data.train)} pairs, validating on {len(pair_data.valid)}")
-    fitted = fit_learner(learn, spec, out, log)
+    fitted = fit_learner(learn, spec, out, log, progress=progress)
     meta = {"task": "pairs", "approach": approach, "name": spec.name, "title": spec.display_title,
             "description": spec.description, "arch": spec.arch, "pretrained": spec.pretrained, "classes": LABELS,
             "size": spec.size, "mean": list(backbone.mean), "std": list(backbone.std),

@@ -14,11 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from .backbones import body_head_split, create_model, get_backbone
 from .data import Dataset, count_by_class, load_dataset, make_dataloaders
 from .evaluate import metrics_from_probs, plot_confusion
 from .model_io import export_model
+from .progress import progress_iter
 from .settings import ClassifierSpec
 
 
@@ -167,31 +170,95 @@ def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split,
     return learn
 
 
+def pooled_features(body, dl, *, flip: bool = False, progress: bool = False, label: str = ""):
+    """The frozen body's feature map of every batch of `dl`, concat-pooled (max, then average) as the
+    fastai head's first layers pool it, and the targets: (N, 2 * n_features), (N,)."""
+    import torch
+
+    feats, targets = [], []
+    body.eval()
+    with torch.no_grad():
+        for xb, yb in progress_iter(dl, len(dl), label, progress):
+            x = torch.as_tensor(xb.flip(3) if flip else xb)
+            fmap = body(x).float()
+            feats.append(torch.cat([fmap.amax(dim=(2, 3)), fmap.mean(dim=(2, 3))], 1))
+            targets.append(torch.as_tensor(yb))
+    return torch.cat(feats), torch.cat(targets)
+
+
+def _pools_like_fastai_head(model) -> bool:
+    from fastai.layers import AdaptiveConcatPool2d, Flatten
+
+    return (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential)
+            and isinstance(model[1][0], AdaptiveConcatPool2d) and isinstance(model[1][1], Flatten))
+
+
+def feature_learner(learn, out: Path, *, progress: bool = True):
+    """A Learner for the frozen phase that trains `learn`'s head (the same modules) on cached body
+    features of every training image and its mirror image: the frozen body is a fixed function, so
+    it runs once instead of once per epoch, and the head gets as many epochs as it needs."""
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    from torch.utils.data import TensorDataset
+
+    body, head = learn.model[0], learn.model[1]
+    train_plain = learn.dls.train.new(shuffle=False, drop_last=False, after_batch=learn.dls.valid.after_batch)
+    x_train, y_train = pooled_features(body, train_plain, progress=progress, label="body features (train)")
+    x_flip, _ = pooled_features(body, train_plain, flip=True, progress=progress, label="body features (mirrored)")
+    x_valid, y_valid = pooled_features(body, learn.dls.valid, progress=progress, label="body features (valid)")
+    train_ds = TensorDataset(torch.cat([x_train, x_flip]), torch.cat([y_train, y_train]))
+    bs = learn.dls.train.bs
+    dls = DataLoaders(DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs),
+                      DataLoader(TensorDataset(x_valid, y_valid), bs=bs * 4), device=learn.dls.device)
+    features = Learner(dls, head[2:], loss_func=learn.loss_func, metrics=accuracy, path=out, model_dir=".")
+    if not progress:
+        features.remove_cbs([cb for cb in features.cbs if type(cb).__name__ == "ProgressCallback"])
+    return features
+
+
 def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], None] = print,
-                callbacks: Sequence = ()) -> dict:
+                progress: bool = True, callbacks: Sequence = ()) -> dict:
     """lr_find (plotted to out/lr_find.png) then fine_tune with the CSV log, the loss history and the
     best epoch across both phases loaded back; returns lr, lr_find, history and fit_seconds.
-    `callbacks` are extra fastai callbacks for the fit (e.g. TensorBoard in sweeps)."""
+    `callbacks` are extra fastai callbacks for the fit (e.g. TensorBoard in sweeps).
+
+    For a body + fastai head, the frozen phase trains the head on cached body features
+    (`feature_learner`); the unfrozen phase is then fine_tune's second half, unchanged."""
     from fastai.callback.progress import CSVLogger
     from fastai.callback.tracker import SaveModelCallback
 
-    found = find_lr(learn, spec.lr_find_iters, out / "lr_find.png")
+    history = _loss_history_callback()
+    (out / "history.csv").unlink(missing_ok=True)
+    best = SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)
+    extra_cbs = [CSVLogger(fname="history.csv", append=True), history, best, *callbacks]
+    fit_started = time.time()
+    cached = spec.pretrained and spec.freeze_epochs > 0 and _pools_like_fastai_head(learn.model)
+    frozen = feature_learner(learn, out, progress=progress) if cached else learn
+    found = find_lr(frozen, spec.lr_find_iters, out / "lr_find.png")
     lr = spec.lr if spec.lr is not None else found["valley"]
     log(f"lr_find: valley {found['valley']:.2e}, slide {found['slide']:.2e}; using lr {lr:.2e}"
         + (" (set by lr / --lr)" if spec.lr is not None else ""))
-    history = _loss_history_callback()
-    (out / "history.csv").unlink(missing_ok=True)
-    extra_cbs = [CSVLogger(fname="history.csv", append=True), history,
-                 SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False), *callbacks]
-    fit_started = time.time()
-    if spec.pretrained:
+    values = []
+    if cached:
+        frozen.fit_one_cycle(spec.freeze_epochs, lr, cbs=[cb for cb in extra_cbs if cb is not best])
+        values = [list(v) for v in frozen.recorder.values]
+        best.best = float(values[-1][2])  # this head on the frozen body = the full model's accuracy
+        learn.save("best")
+        log(f"frozen phase: head on cached body features, valid accuracy {best.best:.2%}")
+        learn.unfreeze()
+        learn.fit_one_cycle(spec.epochs, slice(lr / 2 / spec.lr_mult, lr / 2), pct_start=0.3, div=5.0,
+                            cbs=extra_cbs)
+    elif spec.pretrained:
         learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, lr_mult=spec.lr_mult,
                         cbs=extra_cbs)
     else:
         learn.fit_one_cycle(spec.epochs + spec.freeze_epochs, lr, cbs=extra_cbs)
     fit_seconds = time.time() - fit_started
     (out / "best.pth").unlink(missing_ok=True)  # the best epoch is loaded into learn.model
-    return {"lr": lr, "lr_find": found, "history": history, "fit_seconds": fit_seconds}
+    values += [list(v) for v in learn.recorder.values]
+    return {"lr": lr, "lr_find": found, "history": history, "fit_seconds": fit_seconds, "values": values}
 
 
 def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True,
@@ -224,7 +291,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
                            progress=progress)
     model = create_model(spec.arch, len(dataset.classes), pretrained=spec.pretrained)
     learn = make_learner(dls, model, out, pretrained=spec.pretrained, progress=progress)
-    fitted = fit_learner(learn, spec, out, log, callbacks=callbacks)
+    fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks)
     lr, found, history, fit_seconds = fitted["lr"], fitted["lr_find"], fitted["history"], fitted["fit_seconds"]
     epochs_run = spec.epochs + spec.freeze_epochs
 
@@ -265,7 +332,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
         "warnings": dataset.warnings, "data": str(dataset.root), "data_fingerprint": fingerprint,
         "fit_seconds": round(fit_seconds, 1), "wall_seconds": round(time.time() - started, 1),
         "train_images_per_second": round(dataset.n_train * epochs_run / fit_seconds, 2),
-        "history": [list(map(float, v)) for v in learn.recorder.values],
+        "history": [list(map(float, v)) for v in fitted["values"]],
     })
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"valid accuracy {metrics['accuracy']:.2%} on {metrics['n']} images; "
