@@ -91,6 +91,33 @@ def inference_model(arch: str, n_out: int) -> torch.nn.Sequential:
     return nn.Sequential(body, head)
 
 
+def read_meta(folder: Path) -> dict[str, Any]:
+    """models/NAME/model.json, checked for this format; a one-line ToolkitError otherwise."""
+    meta_path = Path(folder) / META_FILE
+    if not meta_path.is_file():
+        raise ToolkitError(f"no trained model in {folder} ({META_FILE} missing): "
+                           f"run `toolkit train {Path(folder).name}` first")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ToolkitError(f"{meta_path}: not valid JSON ({exc})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ToolkitError(f"{meta_path}: format_version {meta.get('format_version')} is not "
+                           f"{FORMAT_VERSION}; retrain with this toolkit")
+    return meta
+
+
+def load_predictor(folder: str | Path, device: str | None = None, optimize: bool = False):
+    """The predictor model.json asks for: an `EnsemblePredictor` (toolkit.ensemble) where it has an
+    "ensemble" block, else a `Predictor`. Both offer classes, size, meta, predict, predict_images."""
+    meta = read_meta(Path(folder))
+    if "ensemble" in meta:
+        from .ensemble import EnsemblePredictor
+
+        return EnsemblePredictor(folder, device=device, optimize=optimize)
+    return Predictor(folder, device=device, optimize=optimize)
+
+
 @dataclass
 class Prediction:
     label: str
@@ -106,17 +133,10 @@ class Predictor:
 
     def __init__(self, folder: str | Path, device: str | None = None, optimize: bool = False):
         folder = Path(folder)
-        meta_path = folder / META_FILE
-        if not meta_path.is_file():
-            raise ToolkitError(f"no trained model in {folder} ({META_FILE} missing): "
-                               f"run `toolkit train {folder.name}` first")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ToolkitError(f"{meta_path}: not valid JSON ({exc})") from None
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ToolkitError(f"{meta_path}: format_version {self.meta.get('format_version')} is not "
-                               f"{FORMAT_VERSION}; retrain with this toolkit")
+        self.meta = read_meta(folder)
+        if "ensemble" in self.meta:
+            raise ToolkitError(f"{folder / META_FILE} describes an ensemble: load it with "
+                               "toolkit.model_io.load_predictor")
         from safetensors.torch import load_file
 
         self.folder = folder

@@ -147,8 +147,9 @@ def find_lr(learn, num_it: int, plot_path: Path) -> dict[str, float]:
 
 
 def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict:
-    """Train spec's classifier; write models/NAME/ and return its metrics (also in metrics.json)."""
+          log: Callable[[str], None] = print, out: Path | None = None) -> dict:
+    """Train spec's classifier; write models/NAME/ (or `out`, e.g. an ensemble member's folder)
+    and return its metrics (also in metrics.json)."""
     from fastai.callback.progress import CSVLogger
     from fastai.callback.tracker import SaveModelCallback
     from fastai.callback.training import BnFreeze
@@ -158,7 +159,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     from fastai.torch_core import set_seed
 
     started = time.time()
-    out = spec.models_dir
+    out = Path(out) if out is not None else spec.models_dir
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(spec, data, progress=progress)
     log(f"data: {dataset.root} - {dataset.n_train} train, {dataset.n_valid} valid, "
