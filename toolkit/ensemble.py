@@ -44,8 +44,12 @@ CROSS_FIT_FOLDS = 2
 
 
 def member_name(overrides: Mapping[str, Any]) -> str:
-    """{'size': 100, 'arch': 'resnet34'} -> 'size100-resnet34' (a folder name)."""
-    parts = [str(value) if key == "arch" else f"{key}{value}" for key, value in overrides.items()]
+    """{'size': 100, 'arch': 'resnet34', 'pretrained': False} -> 'size100-resnet34-pretrainedno'."""
+
+    def text(value: Any) -> str:
+        return ("yes" if value else "no") if isinstance(value, bool) else str(value)
+
+    parts = [text(value) if key == "arch" else f"{key}{text(value)}" for key, value in overrides.items()]
     return re.sub(r"[^A-Za-z0-9._-]+", "", "-".join(parts)) or "member"
 
 
