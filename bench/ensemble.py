@@ -8,13 +8,14 @@ each mode over the best member. Last line: RESULT {json} with `ensemble_accuracy
 by --mode, class_weighted by default) and `member_<name>_accuracy` per member.
 
 Usage: python bench/ensemble.py [--sizes 96,128] [--epochs 3] [--freeze-epochs 1] [--mode class_weighted]
-                                [--subset N]
+                                [--subset N]   (N training images per class; validation stays whole)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +35,8 @@ def main() -> None:
     parser.add_argument("--freeze-epochs", type=int, default=1)
     parser.add_argument("--bs", type=int, default=32)
     parser.add_argument("--mode", default="class_weighted", choices=["mean", "class_weighted"])
-    parser.add_argument("--subset", type=int, default=0, help="train images per class (0: all)")
+    parser.add_argument("--subset", type=int, default=0,
+                        help="train images per class (0: all); validation is always all 341 images")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"bench/ensemble.py needs {DATA}")
@@ -44,6 +46,9 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         data = subset(DATA, Path(tmp) / "data", args.subset)
+        if args.subset:  # fewer training images, but every validation image: the figures compared
+            shutil.rmtree(data / "validation")
+            (data / "validation").symlink_to(DATA / "validation")
         (Path(tmp) / "settings.ini").write_text(
             f"[clothing-small]\nensemble = {' | '.join(f'size={s}' for s in sizes)}\nensemble_mode = {args.mode}\n"
             f"epochs = {args.epochs}\nfreeze_epochs = {args.freeze_epochs}\nbs = {args.bs}\n")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -259,6 +261,12 @@ def test_dashboard_and_cars_app_serve_the_ensemble(cars_project, monkeypatch):
     with Image.open(io.BytesIO(board.results[0].cam.value)) as cam, Image.open(io.BytesIO(data)) as original:
         aspect = original.width / original.height
         assert cam.width / cam.height == pytest.approx(2 * aspect, rel=0.05)  # both members side by side
+
+    code = ("import sys; from toolkit.dashboard import dashboard; d = dashboard('cars'); "
+            "print(type(d.predictor).__name__, 'fastai' in sys.modules)")
+    kernel = subprocess.run([sys.executable, "-c", code], cwd=cars_project, env=cli_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert kernel.stdout.split() == ["EnsemblePredictor", "False"], kernel.stderr  # no fastai in a dashboard
 
     monkeypatch.setenv("PYTHONPATH", cli_env()["PYTHONPATH"])
     monkeypatch.delenv("TOOLKIT_SETTINGS", raising=False)
