@@ -10,6 +10,8 @@ settings.ini are removed, any other notebook is left alone.
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import nbformat
@@ -24,6 +26,8 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python
 
 def _notebook(cells, name: str):
     nb = new_notebook(cells=cells)
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating an unchanged app changes nothing
+        cell["id"] = re.sub(r"[^A-Za-z0-9_-]", "-", f"{name}-{i}")[:64]
     nb.metadata["kernelspec"] = KERNELSPEC
     nb.metadata["language_info"] = {"name": "python"}
     nb.metadata["toolkit"] = {"generated": True, "app": name}

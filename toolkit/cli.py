@@ -92,6 +92,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = _spec(args).with_overrides(arch=args.arch, size=args.size, epochs=args.epochs, lr=args.lr,
                                       bs=args.bs, freeze_epochs=args.freeze_epochs)
+    if spec.ensemble:  # every member, then the ensemble (toolkit.ensemble)
+        from .ensemble import train_ensemble
+
+        metrics = train_ensemble(spec, args.data, progress=not args.quiet, log=lambda line: print(line, flush=True))
+        print(f"members: {spec.models_dir / 'members'}; ensemble: {spec.models_dir / 'confusion_matrix.png'}")
+        if args.json:
+            print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "per_class", "groups", "ensemble_mode",
+                                                      "members", "modes")}))
+        return 0
     metrics = train(spec, args.data, progress=not args.quiet, log=lambda line: print(line, flush=True))
     out = spec.models_dir
     print(f"plots: {out / 'lr_find.png'}, {out / 'losses.png'}, {out / 'confusion_matrix.png'}, "
@@ -218,6 +227,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     for result in results:
         print(json.dumps(result.as_dict()) if args.json else result.line(), flush=True)
     return 0 if all(r.passed for r in results) else 1
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Grad-CAM of FILE as a PNG: the image and a heatmap overlay per model (per member of an ensemble)."""
+    from .explain import explanation_png
+    from .images import open_image
+    from .model_io import load_predictor
+
+    spec = _spec(args)
+    predictor = load_predictor(spec.models_dir)
+    img = open_image(args.file, name=str(args.file))
+    out = args.out or spec.models_dir / "explanations" / f"{args.file.stem}.png"
+    if out.suffix.lower() != ".png":
+        raise ToolkitError(f"--out {out}: give a .png file name")
+    explanation_png(predictor, img, out, target=args.target)
+    prediction = predictor.predict(img)
+    print(f"{args.file}\t{prediction.label}\t{prediction.probability:.3f}\twrote {out}")
+    return 0
 
 
 def cmd_apps(args: argparse.Namespace) -> int:
@@ -416,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real; shuffled (one fixed permutation); random (new at every step: must fail)")
     p.add_argument("--approach", choices=("stacked", "siamese"), help="task = pairs: one approach only")
     p.add_argument("--json", action="store_true")
+
+    p = add("explain", cmd_explain)
+    p.add_argument("name")
+    p.add_argument("file", type=Path)
+    p.add_argument("--target", help="the class to explain (default: the predicted class)")
+    p.add_argument("--out", type=Path, help="the PNG to write (default models/NAME/explanations/FILE-STEM.png)")
 
     add("apps", cmd_apps)
 

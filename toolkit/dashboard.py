@@ -42,7 +42,7 @@ from PIL import Image
 
 from .errors import ToolkitError
 from .images import MAX_PIXELS, open_image
-from .model_io import META_FILE, WEIGHTS_FILE, Predictor, load_predictor
+from .model_io import META_FILE, Predictor, load_predictor
 from .settings import ClassifierSpec, load_settings
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file; bigger uploads get a one-line message
@@ -57,12 +57,13 @@ _PREDICTORS: dict[tuple[str, int], Predictor] = {}
 
 
 def get_predictor(folder: str | Path) -> Predictor:
-    """The Predictor of models/NAME, loaded once per process (reloaded when the weights change)."""
+    """The predictor of models/NAME (`load_predictor`: a model or an ensemble), loaded once per
+    process (reloaded when model.json, written after the weights by every training, changes)."""
     folder = Path(folder).resolve()
-    weights = folder / WEIGHTS_FILE
-    if not (folder / META_FILE).is_file() or not weights.is_file():
+    meta = folder / META_FILE
+    if not meta.is_file():
         raise ToolkitError(f"no trained model in {folder}")
-    key = (str(folder), weights.stat().st_mtime_ns)
+    key = (str(folder), meta.stat().st_mtime_ns)
     if key not in _PREDICTORS:
         for old in [k for k in _PREDICTORS if k[0] == key[0]]:
             del _PREDICTORS[old]
@@ -71,7 +72,7 @@ def get_predictor(folder: str | Path) -> Predictor:
 
 
 def has_model(spec: ClassifierSpec) -> bool:
-    return (spec.models_dir / META_FILE).is_file() and (spec.models_dir / WEIGHTS_FILE).is_file()
+    return (spec.models_dir / META_FILE).is_file()
 
 
 def find_settings(settings: str | Path | None = None) -> Path:
@@ -154,6 +155,13 @@ def model_card_html(spec: ClassifierSpec, meta: dict[str, Any]) -> str:
         ("image size", f"{meta.get('size', '?')} px, squished"),
         ("trained", str(meta.get("created", "?")).replace("T", " ")),
     ]
+    ensemble = meta.get("ensemble")
+    if ensemble:  # toolkit.ensemble: the members instead of one backbone and size
+        members = metrics.get("members", {})
+        rows[1:3] = [("ensemble", f"{len(ensemble['members'])} members, {ensemble['mode']}"),
+                     *((f"member {m['name']}", f"{m['arch']}, {m['size']} px"
+                        + (f", validation {members[m['name']]['accuracy']:.1%}" if m["name"] in members else ""))
+                       for m in ensemble["members"])]
     data = meta.get("data", {})
     if data:
         rows.append(("training data", f"{data.get('n_train', '?')} train / {data.get('n_valid', '?')} valid images"))
@@ -214,7 +222,8 @@ class ImageResult:
         if on and not self.cam_done:
             from .explain import explain
 
-            self.cam.value = _png(_shrunk(explain(self.board.predictor, _shrunk(self.img, 512)), THUMB))
+            members = len(getattr(self.board.predictor, "members", None) or [0])  # an ensemble: side by side
+            self.cam.value = _png(_shrunk(explain(self.board.predictor, _shrunk(self.img, 512)), THUMB * members))
             self.cam_done = True
         self.cam.layout.display = None if on else "none"
 

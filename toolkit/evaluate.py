@@ -114,7 +114,8 @@ def predict_files(predictor: Predictor, files: Sequence[Path], *, tta: bool = Fa
 
 def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, group: str = "",
                     bs: int = 64, progress: bool = True) -> dict:
-    """Predict every image of folder/<class>/ and score it; bad files are listed, not fatal."""
+    """Predict every image of folder/<class>/ and score it; bad files are listed, not fatal.
+    For an ensemble the result also holds `members`: {member: metrics} and `ensemble_mode`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ToolkitError(f"evaluation folder {folder} not found")
@@ -135,13 +136,23 @@ def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, gr
     good_set = set(good)
     labels = [y for f, y in zip(files, labels) if f in good_set]
     files = good
-    probs = predict_files(predictor, files, tta=tta, bs=bs, progress=progress)
+    members = getattr(predictor, "members", None)
+    if members:  # an ensemble (toolkit.ensemble): every member is scored, then the combination
+        member_probs = {name: predict_files(member, files, tta=tta, bs=bs, progress=progress)
+                        for name, member in members.items()}
+        probs = predictor.combine(member_probs)
+    else:
+        probs = predict_files(predictor, files, tta=tta, bs=bs, progress=progress)
     if hierarchical:
         from .hierarchy import hierarchical_metrics
 
         metrics = hierarchical_metrics(probs, labels, predictor.classes, files, group)
     else:
         metrics = metrics_from_probs(probs, labels, predictor.classes, files, group)
+    if members:
+        metrics["ensemble_mode"] = predictor.mode
+        metrics["members"] = {name: metrics_from_probs(p, labels, predictor.classes, files, group)
+                              for name, p in member_probs.items()}
     metrics["bad_files"] = [{"file": str(b.path), "reason": b.reason} for b in bad]
     metrics["data"] = str(folder)
     metrics["tta"] = tta
@@ -158,4 +169,15 @@ def format_report(metrics: dict) -> str:
         lines.append(f"group {name:<14} accuracy {row['accuracy']:.2%} (n={row['n']})")
     for name, row in metrics.get("levels", {}).items():  # task = hierarchical
         lines.append(f"{name:<20} accuracy {row['accuracy']:.2%} over {len(row['classes'])} classes")
+    members = metrics.get("members")
+    if members:  # an ensemble: recall per class of every member beside the ensemble's
+        names = [*members, f"ensemble ({metrics.get('ensemble_mode', '?')})"]
+        rows = [*members.values(), metrics]
+        widths = [max(9, len(n) + 2) for n in names]
+        lines += ["", "recall per class, each member and the ensemble",
+                  f"{'class':<20}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+        for name in metrics["per_class"]:
+            lines.append(f"{name:<20}" + "".join(f"{r['per_class'][name]['recall']:>{w}.3f}"
+                                                  for r, w in zip(rows, widths)))
+        lines.append(f"{'accuracy':<20}" + "".join(f"{r['accuracy']:>{w}.2%}" for r, w in zip(rows, widths)))
     return "\n".join(lines)

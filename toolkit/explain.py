@@ -4,14 +4,23 @@ Works for every backbone of the registry because every model is `nn.Sequential(b
 (`toolkit.backbones.create_model`): the body's output feature map is the layer explained.
 The heatmap is the ReLU of the feature maps weighted by the spatially averaged gradients of the
 target class's logit, resized to the image and scaled to 0..1 (Selvaraju et al., 2017).
+
+An ensemble (`toolkit.ensemble.EnsemblePredictor`) is explained member by member, every member
+for the same target (by default the ensemble's predicted class): `explain` puts the members'
+overlays side by side, `explanation_png` (behind `toolkit explain NAME FILE`) draws the image and
+one titled overlay per member.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .errors import ToolkitError
 from .model_io import Predictor
 
 
@@ -68,7 +77,80 @@ def overlay(img: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image
     return Image.blend(img, colour, alpha)
 
 
-def explain(predictor: Predictor, img: Image.Image, target: int | str | None = None,
+def _models(predictor: Any) -> dict[str, Predictor]:
+    """{name: Predictor}: an ensemble's members, or the one model as {"model": predictor}."""
+    return dict(getattr(predictor, "members", None) or {"model": predictor})
+
+
+def resolve_target(predictor: Any, img: Image.Image, target: int | str | None) -> int:
+    """A class index: `target` by name or index, else the (ensemble's) predicted class."""
+    classes = list(predictor.classes)
+    if target is None:
+        return int(predictor.predict_images([img.convert("RGB")])[0].argmax())
+    if isinstance(target, str):
+        if target not in classes:
+            raise ToolkitError(f"--target {target!r} is not a class of this model ({', '.join(classes)})")
+        return classes.index(target)
+    if not 0 <= int(target) < len(classes):
+        raise ToolkitError(f"target {target} is out of range for {len(classes)} classes")
+    return int(target)
+
+
+def gradcams(predictor: Any, img: Image.Image, target: int | str | None = None) -> dict[str, np.ndarray]:
+    """One heatmap per member of an ensemble ({"model": heatmap} for one model), all for the same
+    target (default: the ensemble's predicted class)."""
+    index = resolve_target(predictor, img, target)
+    return {name: gradcam(model, img, index) for name, model in _models(predictor).items()}
+
+
+def side_by_side(images: list[Image.Image], gap: int = 4) -> Image.Image:
+    """Images of one height next to each other on white."""
+    height = max(i.height for i in images)
+    strip = Image.new("RGB", (sum(i.width for i in images) + gap * (len(images) - 1), height), "white")
+    x = 0
+    for image in images:
+        strip.paste(image, (x, 0))
+        x += image.width + gap
+    return strip
+
+
+def explain(predictor: Any, img: Image.Image, target: int | str | None = None,
             alpha: float = 0.45) -> Image.Image:
-    """Grad-CAM overlay of `img` for `target` (default: the predicted class)."""
-    return overlay(img, gradcam(predictor, img, target), alpha)
+    """Grad-CAM overlay of `img` for `target` (default: the predicted class); for an ensemble the
+    members' overlays side by side, in member order."""
+    return side_by_side([overlay(img, heat, alpha) for heat in gradcams(predictor, img, target).values()])
+
+
+def explanation_png(predictor: Any, img: Image.Image, path: Path, target: int | str | None = None,
+                    alpha: float = 0.45) -> Path:
+    """A PNG: the image (titled with the (ensemble's) prediction) and one Grad-CAM overlay per
+    model or member, each titled with the explained class and that model's probability of it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = img.convert("RGB")
+    index = resolve_target(predictor, img, target)
+    classes = list(predictor.classes)
+    probs = predictor.predict_images([img])[0]
+    mode = getattr(predictor, "mode", None)
+    who = f"ensemble ({mode})" if mode else "predicted"
+    panels = [(img, f"{who}: {classes[int(probs.argmax())]} ({probs.max():.1%})")]
+    for name, model in _models(predictor).items():
+        p = float(model.predict_images([img])[0][index])
+        label = f"{name}: " if name != "model" else ""
+        panels.append((overlay(img, gradcam(model, img, index), alpha),
+                       f"{label}{classes[index]} p={p:.1%}\n{model.meta.get('arch', '?')}, {model.size} px"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (image, title) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"Grad-CAM for class {classes[index]}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

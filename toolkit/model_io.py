@@ -116,8 +116,14 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 def load_predictor(folder: str | Path, device: str | None = None, optimize: bool = False) -> Predictor:
     """The predictor model.json's "task" calls for: `Predictor` (single), `pairs.PairPredictor`
-    or `hierarchy.HierarchicalPredictor` (top-down paths)."""
-    task = read_meta(folder).get("task", "single")
+    or `hierarchy.HierarchicalPredictor` (top-down paths); `ensemble.EnsemblePredictor` where it has
+    an "ensemble" block. All offer classes, size, meta, predict and predict_images."""
+    meta = read_meta(folder)
+    if "ensemble" in meta:
+        from .ensemble import EnsemblePredictor
+
+        return EnsemblePredictor(folder, device=device, optimize=optimize)
+    task = meta.get("task", "single")
     if task == "pairs":
         from .pairs import PairPredictor
 
@@ -147,6 +153,9 @@ class Predictor:
     def __init__(self, folder: str | Path, device: str | None = None, optimize: bool = False):
         folder = Path(folder)
         self.meta = read_meta(folder)
+        if "ensemble" in self.meta:
+            raise ToolkitError(f"{folder / META_FILE} describes an ensemble: load it with "
+                               "toolkit.model_io.load_predictor")
         from safetensors.torch import load_file
 
         self.folder = folder

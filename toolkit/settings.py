@@ -177,6 +177,38 @@ def _parse_region(value: str) -> str:
     return text
 
 
+# ensemble members may change how a model is built and trained, never the data or its split
+MEMBER_KEYS = ("arch", "pretrained", "size", "epochs", "freeze_epochs", "bs", "lr", "lr_find_iters", "lr_mult")
+ENSEMBLE_MODES = ("mean", "class_weighted")
+
+
+def _parse_ensemble(value: str) -> list[dict[str, Any]]:
+    """'size=75 | size=100 arch=resnet34' -> [{'size': 75}, {'size': 100, 'arch': 'resnet34'}]:
+    members ('|' or one per line), each a set of KEY=VALUE overrides of the section's settings."""
+    members: list[dict[str, Any]] = []
+    for text in (item.strip() for item in re.split(r"[|\n]", value)):
+        if not text:
+            continue
+        overrides: dict[str, Any] = {}
+        for pair in text.split():
+            key, sep, raw = pair.partition("=")
+            if not sep or not raw:
+                raise ValueError(f"member {text!r}: write KEY=VALUE pairs such as size=100 arch=resnet34")
+            if key not in MEMBER_KEYS:
+                raise ValueError(f"member {text!r}: {key!r} cannot differ between members; "
+                                 f"use {', '.join(MEMBER_KEYS)}")
+            try:
+                overrides[key] = KEYS[key][0](raw)
+            except ValueError as exc:
+                raise ValueError(f"member {text!r}: {key} = {raw!r}: {exc}") from None
+        if overrides in members:
+            raise ValueError(f"member {text!r} is listed twice")
+        members.append(overrides)
+    if len(members) == 1:
+        raise ValueError("an ensemble needs at least 2 members, e.g. size=75 | size=100")
+    return members
+
+
 # key -> (parser, default as it would be written in settings.ini, help)
 KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "task": (_parse_task, "single", "what the classifier does: " + ", ".join(TASKS)),
@@ -220,6 +252,11 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "hard_share": (_parse_fraction, "0.5", "task = pairs: share of negatives that are hard (the same person's "
                    "other pairs); the rest are easy (other people)"),
     "preheat": (_parse_bool, "no", "`toolkit serve` keeps a pre-heated Voila kernel for this dashboard"),
+    "ensemble": (_parse_ensemble, "", "members of an ensemble, '|'-separated, each KEY=VALUE overrides of "
+                 "this section's " + ", ".join(MEMBER_KEYS) + " (e.g. size=75 | size=100); empty: one model"),
+    "ensemble_mode": (_choice(*ENSEMBLE_MODES), "class_weighted",
+                      "how an ensemble combines probabilities: mean, or class_weighted (per class by "
+                      "each member's validation recall)"),
 }
 
 
@@ -263,6 +300,8 @@ class ClassifierSpec:
     approach: str = "both"
     negatives: int = 1
     hard_share: float = 0.5
+    ensemble: list[dict[str, Any]] = field(default_factory=list)
+    ensemble_mode: str = "class_weighted"
 
     @property
     def scrape_dir(self) -> Path:

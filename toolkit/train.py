@@ -272,7 +272,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
 
         return train_pairs(spec, data, progress=progress, log=log)
     started = time.time()
-    out = Path(out) if out else spec.models_dir
+    out = Path(out) if out is not None else spec.models_dir
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(spec, data, progress=progress)
     log(f"data: {dataset.root} - {dataset.n_train} train, {dataset.n_valid} valid, "

@@ -273,12 +273,12 @@ def outlier_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[s
 def top_losses(spec: ClassifierSpec, raw: RawImages, *, model_dir: Path | None = None) -> list[dict[str, Any]]:
     """In-sample losses of the trained model (models/NAME), highest first; [] when there is no model."""
     from ..images import open_image
-    from ..model_io import META_FILE, Predictor
+    from ..model_io import META_FILE, load_predictor
 
     folder = Path(model_dir) if model_dir else spec.models_dir
     if not (folder / META_FILE).is_file():
         return []
-    predictor = Predictor(folder, device="cpu")
+    predictor = load_predictor(folder, device="cpu")  # a model or an ensemble
     paths = predictor.meta.get("hierarchy") or {}  # task = hierarchical: class folder -> leaf path
     folder_of = {path: name for name, path in paths.items()}
     idx = [i for i, y in enumerate(raw.labels) if paths.get(y, y) in predictor.classes]
