@@ -11,7 +11,6 @@ settings.ini are removed, any other notebook is left alone.
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 import nbformat
