@@ -45,7 +45,7 @@ def test_settings_errors_name_section_and_key(tmp_path):
         ("[f]\ntask = hierarchical\nhierarchy = tops//shirt\n", "settings [f] hierarchy = 'tops//shirt'"),
         ("[f]\nhierarchy = tops/shirt\n", "hierarchy is set but task = single"),
         ("[f]\ntask = hierarchical\nclasses = shirt, hat\nhierarchy = tops/shirt\n", "no path for class(es) hat"),
-        ("[f]\ntask = tree\n", "unknown task 'tree'; known: single, hierarchical"),
+        ("[f]\ntask = tree\n", "unknown task 'tree'; known: single, pairs, hierarchical"),
     ]
     for text, expected in cases:
         with pytest.raises(SettingsError, match=None) as info:
