@@ -233,7 +233,7 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "pretrained": (_parse_bool, "yes", "start from ImageNet weights"),
     "size": (_parse_positive_int, "128", "image size in pixels (square) for training"),
     "epochs": (_parse_positive_int, "3", "unfrozen epochs of fine_tune"),
-    "freeze_epochs": (_parse_non_negative_int, "1", "frozen (head only) epochs of fine_tune"),
+    "freeze_epochs": (_parse_non_negative_int, "1", "frozen-phase epochs: the head alone, on cached body features (cheap)"),
     "bs": (_parse_positive_int, "32", "batch size"),
     "lr": (_parse_lr, "auto", "learning rate, or auto for the lr_find valley"),
     "lr_find_iters": (_parse_positive_int, "40", "mini-batches lr_find tries"),
