@@ -31,6 +31,17 @@ def test_training_writes_every_artifact(trained_project):
     assert metrics["n_train"] + metrics["n_valid"] == 120 and metrics["lr"] > 0
     assert metrics["train_images_per_second"] > 0 and "valley" in metrics["lr_find"]
     assert not (out / "best.pth").exists()
+    # 2 frozen epochs (the head on cached body features) + 1 unfrozen, all in the history
+    assert len(metrics["history"]) == 3 and metrics["accuracy"] >= max(v[2] for v in metrics["history"]) - 1e-4
+
+
+def test_no_frozen_phase_trains_unfrozen_straight_away(tiny_project, tmp_path):
+    from toolkit.train import train
+
+    spec = load_settings(tiny_project / "settings.ini").get("tiny").with_overrides(freeze_epochs=0, size=64)
+    metrics = train(spec, progress=False, log=lambda line: None, out=tmp_path / "model")
+    assert len(metrics["history"]) == 1 and (tmp_path / "model" / "model.json").is_file()
+    assert not (tmp_path / "model" / "best.pth").exists()
 
 
 def test_fine_tuned_model_beats_chance_on_unseen_photos(trained_project, held_out):

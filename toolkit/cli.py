@@ -92,16 +92,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = _spec(args).with_overrides(arch=args.arch, size=args.size, epochs=args.epochs, lr=args.lr,
                                       bs=args.bs, freeze_epochs=args.freeze_epochs)
-    if spec.ensemble:  # every member, then the ensemble (toolkit.ensemble)
-        from .ensemble import train_ensemble
-
-        metrics = train_ensemble(spec, args.data, progress=not args.quiet, log=lambda line: print(line, flush=True))
+    metrics = train(spec, args.data, progress=not args.quiet, log=lambda line: print(line, flush=True))
+    if spec.ensemble:  # train() trained every member, then the ensemble
         print(f"members: {spec.models_dir / 'members'}; ensemble: {spec.models_dir / 'confusion_matrix.png'}")
         if args.json:
             print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "per_class", "groups", "ensemble_mode",
                                                       "members", "modes")}))
         return 0
-    metrics = train(spec, args.data, progress=not args.quiet, log=lambda line: print(line, flush=True))
     out = spec.models_dir
     print(f"plots: {out / 'lr_find.png'}, {out / 'losses.png'}, {out / 'confusion_matrix.png'}, "
           f"{out / 'top_losses.png'}")

@@ -250,9 +250,12 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
         learn.unfreeze()
         learn.fit_one_cycle(spec.epochs, slice(lr / 2 / spec.lr_mult, lr / 2), pct_start=0.3, div=5.0,
                             cbs=extra_cbs)
-    elif spec.pretrained:
+    elif spec.pretrained and spec.freeze_epochs:  # not body + fastai head (the siamese pair model)
         learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, lr_mult=spec.lr_mult,
                         cbs=extra_cbs)
+    elif spec.pretrained:  # freeze_epochs = 0: straight to fine_tune's unfrozen half
+        learn.unfreeze()
+        learn.fit_one_cycle(spec.epochs, slice(lr / spec.lr_mult, lr), pct_start=0.3, div=5.0, cbs=extra_cbs)
     else:
         learn.fit_one_cycle(spec.epochs + spec.freeze_epochs, lr, cbs=extra_cbs)
     fit_seconds = time.time() - fit_started
@@ -271,6 +274,10 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
         from .pairs import train_pairs
 
         return train_pairs(spec, data, progress=progress, log=log)
+    if spec.ensemble and out is None:  # every member, then the ensemble (toolkit/ensemble.py)
+        from .ensemble import train_ensemble
+
+        return train_ensemble(spec, data, progress=progress, log=log)
     started = time.time()
     out = Path(out) if out is not None else spec.models_dir
     out.mkdir(parents=True, exist_ok=True)
