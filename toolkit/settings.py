@@ -107,12 +107,17 @@ def _parse_split(value: str) -> str:
     raise ValueError(SPLIT_HELP)
 
 
-def _parse_regex(value: str) -> str:
-    pattern = value.strip()
+def _compile(value: str) -> re.Pattern:
+    """The stripped value as a compiled regex, or a ValueError a settings error can quote."""
     try:
-        compiled = re.compile(pattern)
+        return re.compile(value.strip())
     except re.error as exc:
         raise ValueError(f"not a regular expression: {exc}") from None
+
+
+def _parse_regex(value: str) -> str:
+    pattern = value.strip()
+    compiled = _compile(pattern)
     if compiled.groups < 1:
         raise ValueError("the regex needs a (group) that names the group")
     return pattern
@@ -120,10 +125,7 @@ def _parse_regex(value: str) -> str:
 
 def _parse_pair_rule(value: str) -> str:
     pattern = value.strip()
-    try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"not a regular expression: {exc}") from None
+    compiled = _compile(pattern)
     missing = [name for name in PAIR_RULE_GROUPS if name not in compiled.groupindex]
     if missing:
         raise ValueError(f"the regex needs the named groups {', '.join(f'(?P<{m}>...)' for m in missing)}")
