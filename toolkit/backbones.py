@@ -157,6 +157,15 @@ def create_model(arch: str, n_out: int, pretrained: bool = True) -> nn.Sequentia
     return add_head(backbone.create_body(pretrained), backbone.n_features, n_out)
 
 
+def has_fastai_head(model: nn.Module) -> bool:
+    """Whether `model` is `create_model`'s shape: body, then a head that starts with fastai's
+    concat pooling and flatten (so the head's remaining layers take pooled body features)."""
+    from fastai.layers import AdaptiveConcatPool2d, Flatten
+
+    return (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential)
+            and isinstance(model[1][0], AdaptiveConcatPool2d) and isinstance(model[1][1], Flatten))
+
+
 def _body_halves(body: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """Early and late layers of a body, as fastai splits resnets (stem..layer2 | layer3..)."""
     children = list(body.children())

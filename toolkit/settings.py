@@ -233,9 +233,9 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "data": (_parse_text, "", "a data folder to train on instead of scrape/NAME"),
     "arch": (_parse_arch, "efficientnet_lite0", "the backbone (see `toolkit backbones`)"),
     "pretrained": (_parse_bool, "yes", "start from ImageNet weights"),
-    "size": (_parse_positive_int, "128", "image size in pixels (square) for training"),
-    "epochs": (_parse_positive_int, "3", "unfrozen epochs of fine_tune"),
-    "freeze_epochs": (_parse_non_negative_int, "1",
+    "size": (_parse_positive_int, "288", "image size in pixels (square) for training"),
+    "epochs": (_parse_positive_int, "2", "unfrozen epochs of fine_tune"),
+    "freeze_epochs": (_parse_non_negative_int, "8",
                       "frozen-phase epochs: the head alone, on cached body features (cheap)"),
     "bs": (_parse_positive_int, "32", "batch size"),
     "lr": (_parse_lr, "auto", "learning rate, or auto for the lr_find valley"),
@@ -286,9 +286,9 @@ class ClassifierSpec:
     data: str = ""
     arch: str = "efficientnet_lite0"
     pretrained: bool = True
-    size: int = 128
-    epochs: int = 3
-    freeze_epochs: int = 1
+    size: int = 288
+    epochs: int = 2
+    freeze_epochs: int = 8
     bs: int = 32
     lr: float | None = None
     lr_find_iters: int = 40

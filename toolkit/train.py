@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from .backbones import body_head_split, create_model, get_backbone
+from .backbones import body_head_split, create_model, get_backbone, has_fastai_head
 from .data import Dataset, count_by_class, load_dataset, make_dataloaders
 from .evaluate import metrics_from_probs, plot_confusion
 from .model_io import export_model
@@ -154,15 +153,20 @@ def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split,
     """fastai Learner (cross-entropy, accuracy) with the body frozen when pretrained.
 
     Frozen phase = the pretrained body as a fixed function: its batch norms stay in eval mode with
-    their ImageNet statistics (train_bn=False + BnFreeze), so no gradient flows through the body
-    (about 3x cheaper) and the head learns on exactly the features it will be served with."""
-    from fastai.callback.training import BnFreeze
+    their ImageNet statistics (train_bn=False), so no gradient flows through the body (about 3x
+    cheaper) and the head learns on exactly the features it will be served with. The statistics
+    stay through the unfrozen phase too (`callbacks.PretrainedBatchNormStats`). Channels-last memory
+    (fastai's ChannelsLast) makes convolutions about 1.5x faster on CPUs."""
+    from fastai.callback.channelslast import ChannelsLast
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
 
+    from .callbacks import PretrainedBatchNormStats
+
+    cbs = [PretrainedBatchNormStats(), ChannelsLast()] if pretrained else [ChannelsLast()]
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=splitter,
-                    path=out, model_dir=".", train_bn=False, cbs=[BnFreeze()])
+                    path=out, model_dir=".", train_bn=False, cbs=cbs)
     if not progress:
         learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
     if pretrained:
@@ -170,27 +174,28 @@ def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split,
     return learn
 
 
+def bf16_autocast(device: torch.device) -> bool:
+    """Whether bfloat16 autocast speeds inference up here: a CPU with bf16 instructions (AVX512-BF16
+    or AMX: about 2x on top of channels-last) or a CUDA device that supports it."""
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def pooled_features(body, dl, *, flip: bool = False, progress: bool = False, label: str = ""):
     """The frozen body's feature map of every batch of `dl`, concat-pooled (max, then average) as the
-    fastai head's first layers pool it, and the targets: (N, 2 * n_features), (N,)."""
-    import torch
-
+    fastai head's first layers pool it, and the targets: (N, 2 * n_features), (N,). Runs in
+    channels-last memory, in bfloat16 where the hardware has it (features for a head to learn on)."""
     feats, targets = [], []
-    body.eval()
-    with torch.no_grad():
+    body.eval().to(memory_format=torch.channels_last)
+    device = next(body.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(device)):
         for xb, yb in progress_iter(dl, len(dl), label, progress):
-            x = torch.as_tensor(xb.flip(3) if flip else xb)
+            x = torch.as_tensor(xb.flip(3) if flip else xb).contiguous(memory_format=torch.channels_last)
             fmap = body(x).float()
             feats.append(torch.cat([fmap.amax(dim=(2, 3)), fmap.mean(dim=(2, 3))], 1))
             targets.append(torch.as_tensor(yb))
     return torch.cat(feats), torch.cat(targets)
-
-
-def _pools_like_fastai_head(model) -> bool:
-    from fastai.layers import AdaptiveConcatPool2d, Flatten
-
-    return (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential)
-            and isinstance(model[1][0], AdaptiveConcatPool2d) and isinstance(model[1][1], Flatten))
 
 
 def feature_learner(learn, out: Path, *, progress: bool = True):
@@ -234,7 +239,7 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     best = SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)
     extra_cbs = [CSVLogger(fname="history.csv", append=True), history, best, *callbacks]
     fit_started = time.time()
-    cached = spec.pretrained and spec.freeze_epochs > 0 and _pools_like_fastai_head(learn.model)
+    cached = spec.pretrained and spec.freeze_epochs > 0 and has_fastai_head(learn.model)
     frozen = feature_learner(learn, out, progress=progress) if cached else learn
     found = find_lr(frozen, spec.lr_find_iters, out / "lr_find.png")
     lr = spec.lr if spec.lr is not None else found["valley"]
