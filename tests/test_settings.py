@@ -57,6 +57,7 @@ def test_values_are_typed(tmp_path):
     ("[x]\nqueries = photo of cats\n", "settings [x] queries"),
     ("[x]\ngroup = (unclosed\n", "settings [x] group"),
     ("[x]\nlr = -1\n", "settings [x] lr"),
+    ("[x]\nbody_bn = sometimes\n", "settings [x] body_bn = 'sometimes': use one of: 'frozen', 'adapt'"),
 ])
 def test_bad_settings_are_one_line_errors_naming_section_and_key(tmp_path, text, expected):
     with pytest.raises(SettingsError) as info:

@@ -180,7 +180,8 @@ def _parse_region(value: str) -> str:
 
 
 # ensemble members may change how a model is built and trained, never the data or its split
-MEMBER_KEYS = ("arch", "pretrained", "size", "epochs", "freeze_epochs", "bs", "lr", "lr_find_iters", "lr_mult")
+MEMBER_KEYS = ("arch", "pretrained", "size", "epochs", "freeze_epochs", "bs", "lr", "lr_find_iters", "lr_mult",
+               "body_bn")
 ENSEMBLE_MODES = ("mean", "class_weighted")
 
 
@@ -241,6 +242,9 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "lr": (_parse_lr, "auto", "learning rate, or auto for the lr_find valley"),
     "lr_find_iters": (_parse_positive_int, "40", "mini-batches lr_find tries"),
     "lr_mult": (_parse_lr_mult, "100", "unfrozen: the head's lr over the earliest layers' (fastai's lr_mult)"),
+    "body_bn": (_choice("frozen", "adapt"), "frozen",
+                "unfrozen: the body's batch norms keep ImageNet's statistics (frozen), or switch to the data's "
+                "batch statistics as fastai's BnFreeze lets them (adapt: data far from ImageNet)"),
     "hierarchy": (_parse_hierarchy, "", "task = hierarchical: data folders as label paths, 'tops/shirt' or "
                   "'FOLDER: tops/shirt' items (default: nested folders shoes/female/sandals/ are the paths)"),
     "split": (_parse_split, "auto", "validation split: " + SPLIT_HELP),
@@ -293,6 +297,7 @@ class ClassifierSpec:
     lr: float | None = None
     lr_find_iters: int = 40
     lr_mult: float = 100.0
+    body_bn: str = "frozen"
     hierarchy: dict[str, str] = field(default_factory=dict)
     split: str = "auto"
     valid_pct: float = 0.2

@@ -149,14 +149,15 @@ def find_lr(learn, num_it: int, plot_path: Path) -> dict[str, float]:
 
 
 def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split, pretrained: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, keep_bn_stats: bool = True):
     """fastai Learner (cross-entropy, accuracy) with the body frozen when pretrained.
 
     Frozen phase = the pretrained body as a fixed function: its batch norms stay in eval mode with
     their ImageNet statistics (train_bn=False), so no gradient flows through the body (about 3x
     cheaper) and the head learns on exactly the features it will be served with. The statistics
-    stay through the unfrozen phase too (`callbacks.PretrainedBatchNormStats`). Channels-last memory
-    (fastai's ChannelsLast) makes convolutions about 1.5x faster on CPUs."""
+    stay through the unfrozen phase too unless `keep_bn_stats` is off
+    (`callbacks.PretrainedBatchNormStats`). Channels-last memory (fastai's ChannelsLast) makes
+    convolutions about 1.5x faster on CPUs."""
     from fastai.callback.channelslast import ChannelsLast
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
@@ -164,7 +165,7 @@ def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split,
 
     from .callbacks import PretrainedBatchNormStats
 
-    cbs = [PretrainedBatchNormStats(), ChannelsLast()] if pretrained else [ChannelsLast()]
+    cbs = [PretrainedBatchNormStats(keep_bn_stats), ChannelsLast()] if pretrained else [ChannelsLast()]
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=splitter,
                     path=out, model_dir=".", train_bn=False, cbs=cbs)
     if not progress:
@@ -302,7 +303,8 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     dls = make_dataloaders(dataset, spec.size, spec.bs, backbone.mean, backbone.std, seed=spec.seed,
                            progress=progress)
     model = create_model(spec.arch, len(dataset.classes), pretrained=spec.pretrained)
-    learn = make_learner(dls, model, out, pretrained=spec.pretrained, progress=progress)
+    learn = make_learner(dls, model, out, pretrained=spec.pretrained, progress=progress,
+                         keep_bn_stats=spec.body_bn == "frozen")
     fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks)
     lr, found, history, fit_seconds = fitted["lr"], fitted["lr_find"], fitted["history"], fitted["fit_seconds"]
     epochs_run = spec.epochs + spec.freeze_epochs
