@@ -444,7 +444,10 @@ def test_cli_clean_opens_voila_and_stops_on_ctrl_c(project, tmp_path):
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "toolkit", "clean", "c", "--port", str(port)],
                                cwd=project["root"], env=cli_env(JUPYTER_DATA_DIR=str(tmp_path)),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               # a terminal's Ctrl-C: SIGINT at its default even when this test run
+                               # itself was started in the background (where the shell ignores it)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stdout.readline()
         assert f"http://127.0.0.1:{port}/" in line, line
