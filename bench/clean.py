@@ -27,9 +27,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from toolkit.clean.embeddings import compute_embeddings  # noqa: E402
-from toolkit.clean.rank import flip_labels, label_issue_table, out_of_fold_probs  # noqa: E402
 from toolkit.data import list_labelled_images  # noqa: E402
+from toolkit.stages.clean.embeddings import compute_embeddings  # noqa: E402
+from toolkit.stages.clean.rank import flip_labels, label_issue_table, out_of_fold_probs  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets" / "clothing-small" / "train"
 
@@ -48,7 +48,7 @@ def fastai_way(files, labels, classes, size: int, seed: int) -> list[int]:
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
 
-    from toolkit.backbones import body_head_split, create_model, get_backbone
+    from toolkit.core.backbones import body_head_split, create_model, get_backbone
     from toolkit.data import Dataset, _split_random, make_dataloaders
 
     torch.manual_seed(seed)

@@ -91,8 +91,8 @@ def build_urls(n_images: int) -> tuple[dict[str, list], list[tuple[str, str]]]:
 def count_kept(files: list[Path]) -> dict[str, int]:
     """Files kept, how many are broken (do not fully decode) and how many duplicate another kept file."""
     sys.path.insert(0, str(REPO))
-    from toolkit.errors import ImageError
-    from toolkit.images import open_image, perceptual_hash
+    from toolkit.core.errors import ImageError
+    from toolkit.core.images import open_image, perceptual_hash
 
     broken, duplicates, shas, hashes = 0, 0, set(), []
     for file in sorted(files):
@@ -117,8 +117,8 @@ def child(kind: str, url_file: Path, out: Path) -> None:
         from fastai.vision.utils import download_images
     else:
         sys.path.insert(0, str(REPO))
-        from toolkit.scrape import scrape
         from toolkit.settings import load_settings
+        from toolkit.stages.scrape.run import scrape
 
         (out / "settings.ini").write_text("[bench]\nmax_size = 400\n")
         spec = load_settings(out / "settings.ini").get("bench")

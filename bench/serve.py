@@ -60,7 +60,7 @@ def bench_latency(models: Path, images: list[Path], repeats: int, threads: int) 
     import torch
     from fastai.learner import load_learner
 
-    from toolkit.dashboard import get_predictor
+    from toolkit.ui.dashboard import get_predictor
 
     torch.set_num_threads(threads)  # process-wide: the same for both paths
     predictor = get_predictor(models)
@@ -98,7 +98,7 @@ def kernel_rss_mb(pid: int) -> list[float]:
 def bench_browser(root: Path, photos: list[Path]) -> dict:
     from playwright.sync_api import sync_playwright
 
-    from toolkit.voila import free_port
+    from toolkit.ui.voila import free_port
 
     port = free_port()
     jupyter = root / ".jupyter"
@@ -140,7 +140,7 @@ def bench_browser(root: Path, photos: list[Path]) -> dict:
             rss = kernel_rss_mb(proc.pid)
             result["kernel_rss_mb"] = max(rss) if rss else None
         finally:
-            from toolkit.voila import stop_voila
+            from toolkit.ui.voila import stop_voila
 
             stop_voila(proc, grace=30)  # SIGTERM: `toolkit serve` stops Voila and its kernels
             browser.close()
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--per-class", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for both paths (a dashboard kernel uses 1, see toolkit.dashboard)")
+                        help="torch threads for both paths (a dashboard kernel uses 1, see toolkit.ui.dashboard)")
     parser.add_argument("--no-browser", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

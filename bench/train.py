@@ -63,7 +63,7 @@ def run_plain_fastai(data: Path, size: int, epochs: int, freeze_epochs: int, bs:
         vision_learner,
     )
 
-    from toolkit.backbones import LITE_MEAN, LITE_STD, get_backbone
+    from toolkit.core.backbones import LITE_MEAN, LITE_STD, get_backbone
 
     def efficientnet_lite0(pretrained: bool = True):
         return nn.Sequential(get_backbone("efficientnet_lite0").create_body(pretrained), nn.AdaptiveAvgPool2d(1))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from toolkit.backbones import create_model, get_backbone, list_backbones
-from toolkit.errors import ToolkitError
-from toolkit.images import open_image
+from toolkit.core.backbones import create_model, get_backbone, list_backbones
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import open_image
 
 
 def test_registry_lists_resnets_and_efficientnet():

@@ -16,7 +16,7 @@ import pytest
 from conftest import OFFLINE, REPO, copy_subset, run_cli
 from PIL import Image, ImageDraw
 
-from toolkit.images import sha256_file
+from toolkit.core.images import sha256_file
 
 CLASSES = ["hat", "pants", "shoes", "t-shirt"]
 
@@ -69,7 +69,7 @@ def spec(project):
 
 @pytest.fixture(scope="module")
 def ranked(project, spec):
-    from toolkit.clean.rank import list_raw_images, rank
+    from toolkit.stages.clean.rank import list_raw_images, rank
 
     raw = list_raw_images(spec)
     start = time.perf_counter()
@@ -113,7 +113,7 @@ def test_blank_and_text_images_are_outliers(ranked):
 def test_duplicates_across_train_and_valid_are_leaks():
     import numpy as np
 
-    from toolkit.clean.rank import duplicate_groups
+    from toolkit.stages.clean.rank import duplicate_groups
 
     emb = np.eye(4, dtype=np.float32)
     groups = duplicate_groups(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], ["x", "x", "y", "y"],
@@ -124,7 +124,7 @@ def test_duplicates_across_train_and_valid_are_leaks():
 
 
 def test_embeddings_come_from_the_cache(project, spec, ranked, monkeypatch):
-    import toolkit.clean.embeddings as embeddings
+    import toolkit.stages.clean.embeddings as embeddings
 
     raw, rankings, _ = ranked
     monkeypatch.setattr(embeddings, "_model", lambda arch: pytest.fail("the cache was not used"))
@@ -134,8 +134,8 @@ def test_embeddings_come_from_the_cache(project, spec, ranked, monkeypatch):
 
 
 def test_broken_files_and_manifest(tmp_path, clothing_small):
-    from toolkit.clean.rank import list_raw_images
     from toolkit.settings import load_settings
+    from toolkit.stages.clean.rank import list_raw_images
 
     raw = copy_subset(clothing_small / "train", tmp_path / "scrape" / "b", ["hat", "skirt"], 3)
     (raw / "hat" / "cut.jpg").write_bytes((next((raw / "skirt").iterdir())).read_bytes()[:500])
@@ -149,9 +149,9 @@ def test_broken_files_and_manifest(tmp_path, clothing_small):
 
 
 def test_top_losses_from_a_trained_model(project, spec, ranked, tmp_path):
-    from toolkit.backbones import create_model
-    from toolkit.clean.rank import top_losses
+    from toolkit.core.backbones import create_model
     from toolkit.model_io import export_model
+    from toolkit.stages.clean.rank import top_losses
 
     raw, _, _ = ranked
     export_model(create_model("efficientnet_lite0", 4, pretrained=False), tmp_path,
@@ -169,9 +169,9 @@ def test_top_losses_from_a_trained_model(project, spec, ranked, tmp_path):
 @pytest.fixture
 def small(tmp_path, clothing_small):
     """2 classes x 4 photos with one name present in both classes (for relabel collisions)."""
-    from toolkit.clean.decisions import DecisionLog
-    from toolkit.clean.rank import list_raw_images
     from toolkit.settings import load_settings
+    from toolkit.stages.clean.decisions import DecisionLog
+    from toolkit.stages.clean.rank import list_raw_images
 
     raw_dir = copy_subset(clothing_small / "train", tmp_path / "scrape" / "s", ["hat", "skirt"], 4)
     shutil.copy(next((raw_dir / "hat").iterdir()), raw_dir / "skirt" / "same.jpg")
@@ -188,7 +188,7 @@ def cleaned_files(folder: Path) -> set[str]:
 
 
 def test_apply_undo_and_last_decision_wins(small):
-    from toolkit.clean.decisions import apply_decisions, dry_run, pending
+    from toolkit.stages.clean.decisions import apply_decisions, dry_run, pending
 
     spec, raw, log, before = small
     hat = sorted(f for f in raw.rel if f.startswith("hat/") and f != "hat/same.jpg")
@@ -226,7 +226,7 @@ def test_apply_undo_and_last_decision_wins(small):
 
 
 def test_crash_during_apply_leaves_the_old_set(small, monkeypatch):
-    import toolkit.clean.decisions as decisions
+    import toolkit.stages.clean.decisions as decisions
 
     spec, raw, log, before = small
     log.record(raw.rel[0], "delete")
@@ -261,7 +261,7 @@ def test_crash_during_apply_leaves_the_old_set(small, monkeypatch):
 
 
 def test_widget_choices_survive_switching_and_restart(project, spec, ranked):
-    from toolkit.clean.widget import CleanerWidget
+    from toolkit.ui.clean_app import CleanerWidget
 
     raw, rankings, _ = ranked
     shutil.rmtree(spec.cleaned_dir / "decisions.jsonl", ignore_errors=True)
@@ -318,7 +318,7 @@ def test_widget_choices_survive_switching_and_restart(project, spec, ranked):
 
 
 def test_widget_shows_errors_inside_callbacks(spec, ranked, monkeypatch):
-    from toolkit.clean import widget as widget_module
+    from toolkit.ui import clean_app as widget_module
 
     raw, rankings, _ = ranked
     w = widget_module.CleanerWidget(spec, raw=raw, rankings=rankings)
@@ -352,7 +352,7 @@ def test_cli_report_json_and_apply(project, ranked):
 def test_clean_notebook_is_thin(tmp_path):
     import nbformat
 
-    from toolkit.clean.notebook import write_clean_notebook
+    from toolkit.ui.clean_notebook import write_clean_notebook
 
     nb = nbformat.read(str(write_clean_notebook(tmp_path / "clean.ipynb")), as_version=4)
     code = [c.source for c in nb.cells if c.cell_type == "code"]
@@ -376,8 +376,8 @@ def test_browser_mark_switch_back_apply(project, spec, ranked, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("Debian chromium is not installed")
-    from toolkit.clean.notebook import write_clean_notebook
-    from toolkit.voila import launch_voila, stop_voila
+    from toolkit.ui.clean_notebook import write_clean_notebook
+    from toolkit.ui.voila import launch_voila, stop_voila
 
     (spec.cleaned_dir / "decisions.jsonl").unlink(missing_ok=True)
     notebook = write_clean_notebook(project["root"] / "apps" / "clean.ipynb")

@@ -42,7 +42,7 @@ def encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
 
 @pytest.fixture(scope="module")
 def board(trained_project, tmp_path_factory):
-    from toolkit.dashboard import ClassifierDashboard
+    from toolkit.ui.dashboard import ClassifierDashboard
 
     dashboard = ClassifierDashboard("tiny", trained_project / "settings.ini")
     dashboard.feedback_dir = tmp_path_factory.mktemp("feedback") / "tiny"
@@ -60,7 +60,7 @@ def upload(board, *items: dict):
 def test_write_apps_creates_thin_notebooks_and_index(tmp_path):
     import nbformat
 
-    from toolkit.apps import write_apps
+    from toolkit.ui.apps import write_apps
 
     (tmp_path / "settings.ini").write_text("[alpha]\ntitle = Alpha\n\n[beta]\n")
     (tmp_path / "apps").mkdir()
@@ -68,7 +68,7 @@ def test_write_apps_creates_thin_notebooks_and_index(tmp_path):
     paths = write_apps(tmp_path / "settings.ini")
     assert sorted(p.name for p in paths) == ["alpha.ipynb", "beta.ipynb", "index.ipynb"]
     code = nbformat.read(tmp_path / "apps" / "alpha.ipynb", as_version=4).cells[0].source
-    assert "from toolkit.dashboard import dashboard" in code and "dashboard('alpha')" in code
+    assert "from toolkit.ui.dashboard import dashboard" in code and "dashboard('alpha')" in code
     assert len(code.splitlines()) <= 4
     index = nbformat.read(tmp_path / "apps" / "index.ipynb", as_version=4).cells[0].source
     assert "(alpha.ipynb)" in index and "/voila/render/beta.ipynb" in index and "(clean.ipynb)" in index
@@ -89,7 +89,7 @@ def test_cli_apps(tmp_path):
 
 def test_preheat_setting_and_voila_args(tmp_path):
     from toolkit.settings import load_settings
-    from toolkit.voila import preheat_args
+    from toolkit.ui.voila import preheat_args
 
     (tmp_path / "settings.ini").write_text("[a]\npreheat = yes\n\n[b]\n")
     settings = load_settings(tmp_path / "settings.ini")
@@ -105,7 +105,7 @@ def test_every_app_notebook_executes_headlessly(trained_project, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    from toolkit.apps import write_apps
+    from toolkit.ui.apps import write_apps
 
     monkeypatch.setenv("PYTHONPATH", cli_env()["PYTHONPATH"])
     monkeypatch.delenv("TOOLKIT_SETTINGS", raising=False)  # found as ../settings.ini
@@ -145,7 +145,7 @@ def test_predicts_a_real_photo(board, clothing_small):
 
 
 def test_predictor_is_loaded_once_per_process(trained_project, board):
-    from toolkit.dashboard import get_predictor
+    from toolkit.ui.dashboard import get_predictor
 
     assert get_predictor(trained_project / "models" / "tiny") is board.predictor
 
@@ -172,7 +172,7 @@ def test_bad_upload_is_one_line_and_next_upload_works(board, clothing_small, cas
 
 
 def test_size_and_pixel_limits(board, clothing_small, monkeypatch):
-    import toolkit.dashboard as dashboard
+    import toolkit.ui.dashboard as dashboard
 
     data = photo(clothing_small).read_bytes()
     monkeypatch.setattr(dashboard, "MAX_UPLOAD_BYTES", 1000)
@@ -253,7 +253,7 @@ def test_feedback_saves_the_image_with_the_right_label(board, clothing_small, tr
 
 
 def test_no_model_shows_how_to_train(tmp_path):
-    from toolkit.dashboard import ClassifierDashboard, dashboard
+    from toolkit.ui.dashboard import ClassifierDashboard, dashboard
 
     (tmp_path / "settings.ini").write_text("[fresh]\ntitle = Fresh\n")
     board = ClassifierDashboard("fresh", tmp_path / "settings.ini")
@@ -265,7 +265,7 @@ def test_no_model_shows_how_to_train(tmp_path):
 
 
 def test_broken_model_folder_is_one_line(tmp_path):
-    from toolkit.dashboard import ClassifierDashboard
+    from toolkit.ui.dashboard import ClassifierDashboard
 
     (tmp_path / "settings.ini").write_text("[broken]\n")
     folder = tmp_path / "models" / "broken"
@@ -296,7 +296,7 @@ def test_gradcam_shape_range_and_class_dependence(board, clothing_small):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "efficientnet_lite0"])
 def test_gradcam_works_for_every_backbone(arch, tmp_path):
-    from toolkit.backbones import create_model, get_backbone
+    from toolkit.core.backbones import create_model, get_backbone
     from toolkit.explain import gradcam
     from toolkit.model_io import Predictor, export_model
 
@@ -314,7 +314,7 @@ def test_gradcam_works_for_every_backbone(arch, tmp_path):
 def test_inference_model_matches_create_model_without_fastai(arch):
     import torch
 
-    from toolkit.backbones import create_model
+    from toolkit.core.backbones import create_model
     from toolkit.model_io import inference_model
 
     reference = create_model(arch, 3, pretrained=False).eval()
@@ -337,7 +337,7 @@ def test_optimized_predictor_matches_the_eager_model(trained_project, clothing_s
 
 def test_dashboard_kernel_does_not_import_fastai(trained_project):
     (trained_project / "apps").mkdir(exist_ok=True)
-    code = ("import sys; from toolkit.dashboard import dashboard; d = dashboard('tiny'); "
+    code = ("import sys; from toolkit.ui.dashboard import dashboard; d = dashboard('tiny'); "
             "assert d.predictor is not None; print('fastai' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=trained_project / "apps", env=cli_env(),
                             capture_output=True, text=True, timeout=300)
@@ -365,7 +365,7 @@ def _kill_tree(pid: int) -> None:
 @pytest.fixture(scope="module")
 def server(trained_project, tmp_path_factory):
     """`toolkit serve` on a free loopback port, stopped (with Voilà and its kernels) at the end."""
-    from toolkit.voila import free_port
+    from toolkit.ui.voila import free_port
 
     jupyter = tmp_path_factory.mktemp("jupyter")
     port = free_port()
@@ -385,7 +385,7 @@ def server(trained_project, tmp_path_factory):
             time.sleep(0.2)
         yield {"url": f"http://127.0.0.1:{port}", "log": log_path, "started": started}
     finally:
-        from toolkit.voila import stop_voila
+        from toolkit.ui.voila import stop_voila
 
         stop_voila(proc, grace=30)  # SIGTERM: `toolkit serve` stops Voila and its kernels
         _kill_tree(proc.pid)
@@ -489,7 +489,7 @@ def test_browser_gradcam_toggle(page, clothing_small):
 @pytest.mark.browser
 def test_browser_sources_are_stripped_and_index_links(page, browser, server):
     assert "generated by `toolkit apps`" not in page.content()
-    assert "from toolkit.dashboard import" not in page.content()
+    assert "from toolkit.ui.dashboard import" not in page.content()
     errors: list[str] = []
     index = _offline_page(browser, errors)
     try:

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, cli_env, copy_subset, run_cli
 from PIL import Image
 
-from toolkit.errors import SettingsError
+from toolkit.core.errors import SettingsError
 from toolkit.settings import load_settings
 
 CARS = ["SUV", "Sedan"]
@@ -100,7 +100,7 @@ def test_cross_fitting_scores_each_fold_with_the_other_folds_weights():
 def test_repo_settings_have_the_cars_ensemble_and_its_app():
     import nbformat
 
-    from toolkit.apps import app_notebook
+    from toolkit.ui.apps import app_notebook
 
     cars = load_settings(REPO / "settings.ini").get("cars")
     assert cars.classes == ["sedan", "coupe", "SUV", "truck"] and len(cars.queries) >= 2
@@ -248,8 +248,8 @@ def test_dashboard_and_cars_app_serve_the_ensemble(cars_project, monkeypatch):
     from nbclient import NotebookClient
     from test_dashboard import upload_item
 
-    from toolkit.apps import write_apps
-    from toolkit.dashboard import ClassifierDashboard
+    from toolkit.ui.apps import write_apps
+    from toolkit.ui.dashboard import ClassifierDashboard
 
     board = ClassifierDashboard("cars", cars_project / "settings.ini")
     assert "2 members, class_weighted" in board.card.value and "member size80" in board.card.value
@@ -262,7 +262,7 @@ def test_dashboard_and_cars_app_serve_the_ensemble(cars_project, monkeypatch):
         aspect = original.width / original.height
         assert cam.width / cam.height == pytest.approx(2 * aspect, rel=0.05)  # both members side by side
 
-    code = ("import sys; from toolkit.dashboard import dashboard; d = dashboard('cars'); "
+    code = ("import sys; from toolkit.ui.dashboard import dashboard; d = dashboard('cars'); "
             "print(type(d.predictor).__name__, 'fastai' in sys.modules)")
     kernel = subprocess.run([sys.executable, "-c", code], cwd=cars_project, env=cli_env(), capture_output=True,
                             text=True, timeout=300)

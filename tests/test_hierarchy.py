@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import REPO, cli_env, copy_subset, run_cli
 
+from toolkit.core.errors import SettingsError, ToolkitError
 from toolkit.data import list_labelled_images, load_dataset
-from toolkit.errors import SettingsError, ToolkitError
 from toolkit.hierarchy import decode, hierarchical_metrics, level_matrix, parse_hierarchy
 from toolkit.model_io import load_predictor
 from toolkit.settings import load_settings, set_keys
@@ -163,7 +163,7 @@ def test_model_json_metrics_and_plots_per_level(hier_project):
 
 
 def test_paths_are_consistent_on_real_photos(hier_project, held_out):
-    from toolkit.images import open_image
+    from toolkit.core.images import open_image
 
     predictor = load_predictor(hier_project / "models" / "fashion-items")
     files, folders = list_labelled_images(held_out)
@@ -209,8 +209,8 @@ def test_dashboard_shows_the_path_and_the_app_executes(hier_project, held_out, m
     import nbformat
     from nbclient import NotebookClient
 
-    from toolkit.apps import write_apps
-    from toolkit.dashboard import ClassifierDashboard
+    from toolkit.ui.apps import write_apps
+    from toolkit.ui.dashboard import ClassifierDashboard
 
     board = ClassifierDashboard("fashion-items", hier_project / "settings.ini")
     photo = sorted((held_out / "pants").iterdir())[0]
@@ -248,7 +248,7 @@ def test_sweep_of_a_hierarchical_classifier_logs_each_level(hier_project):
 
 
 def test_clean_top_losses_speak_in_class_folders(hier_project):
-    from toolkit.clean.rank import list_raw_images, top_losses
+    from toolkit.stages.clean.rank import list_raw_images, top_losses
 
     spec = load_settings(hier_project / "settings.ini").get("fashion-items")
     raw = list_raw_images(spec)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit.errors import ImageError
-from toolkit.images import open_image, perceptual_hash, sha256_file, verify_images
+from toolkit.core.errors import ImageError
+from toolkit.core.images import open_image, perceptual_hash, sha256_file, verify_images
 
 
 @pytest.fixture

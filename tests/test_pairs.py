@@ -16,7 +16,7 @@ import pytest
 from conftest import cli_env, run_cli
 from PIL import Image
 
-from toolkit.errors import SettingsError, ToolkitError
+from toolkit.core.errors import SettingsError, ToolkitError
 from toolkit.pairs import (
     PairPredictor,
     build_pairs,
@@ -245,8 +245,8 @@ def _upload(path: Path) -> dict:
 
 
 def test_pairs_dashboard_compares_two_uploads(pairs_project):
-    from toolkit.dashboard import dashboard
-    from toolkit.pairs_dashboard import PairDashboard
+    from toolkit.ui.dashboard import dashboard
+    from toolkit.ui.pairs_dashboard import PairDashboard
 
     board = dashboard("shoes", pairs_project / "settings.ini")
     assert isinstance(board, PairDashboard)
@@ -269,7 +269,7 @@ def test_pairs_app_notebook_executes(pairs_project, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    from toolkit.apps import write_apps
+    from toolkit.ui.apps import write_apps
 
     monkeypatch.setenv("PYTHONPATH", cli_env()["PYTHONPATH"])
     monkeypatch.delenv("TOOLKIT_SETTINGS", raising=False)

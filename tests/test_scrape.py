@@ -19,8 +19,9 @@ import pytest
 from conftest import cli_env, run_cli
 from PIL import Image
 
-from toolkit.errors import ToolkitError
-from toolkit.scrape import (
+from toolkit.core.errors import ToolkitError
+from toolkit.settings import load_settings
+from toolkit.stages.scrape.run import (
     DdgsBackend,
     ScrapeError,
     add_class_to_settings,
@@ -30,7 +31,6 @@ from toolkit.scrape import (
     safe_name,
     scrape,
 )
-from toolkit.settings import load_settings
 
 NO_SLEEP = {"sleep": lambda seconds: None, "backoff_base": 0.001, "backoff_cap": 0.01}
 
@@ -440,7 +440,8 @@ def test_cli_errors_are_one_line(tmp_path, settings, args, message):
 def test_cli_ratelimit_error_is_one_line(tmp_path):
     """The real ddgs backend offline: the network guard makes every search fail; one clear line."""
     root = _project(tmp_path, "[web]\nclasses = a\n")
-    code = ("import sys; from toolkit import cli, scrape; from ddgs.exceptions import RatelimitException\n"
+    code = ("import sys; from toolkit import cli; from toolkit.stages.scrape import run as scrape\n"
+            "from ddgs.exceptions import RatelimitException\n"
             "def boom(self, q, **k): raise RatelimitException('202 Ratelimit')\n"
             "scrape.DdgsBackend.__call__ = boom; scrape.time.sleep = lambda s: None\n"
             "sys.exit(cli.main(['scrape', 'web', '--quiet']))")
@@ -452,7 +453,7 @@ def test_cli_ratelimit_error_is_one_line(tmp_path):
 
 
 def test_cli_fashion_mnist_keeps_test_split(tmp_path):
-    from toolkit.fashion_mnist import FASHION_MNIST_DIR
+    from toolkit.stages.scrape.fashion_mnist import FASHION_MNIST_DIR
 
     if not FASHION_MNIST_DIR.is_dir():
         pytest.skip("dataset-fashion-mnist is not installed")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from toolkit.errors import SettingsError
+from toolkit.core.errors import SettingsError
 from toolkit.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import csv
 import pytest
 from conftest import copy_subset, run_cli
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 from toolkit.settings import load_settings
 from toolkit.sweep import combinations, combo_name, parse_grid
 

@@ -6,7 +6,7 @@ from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.callback.training import set_bn_eval
 from torch import nn
 
-from .backbones import has_fastai_head
+from toolkit.core.backbones import has_fastai_head
 
 
 class PretrainedBatchNormStats(Callback):

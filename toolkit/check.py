@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ToolkitError
-from .progress import progress_iter
-from .settings import ClassifierSpec
+from toolkit.core.errors import ToolkitError
+from toolkit.core.progress import progress_iter
+from toolkit.settings import ClassifierSpec
 
 LABEL_MODES = ("real", "shuffled", "random")
 
@@ -107,11 +107,11 @@ def _normalise(arrays: list[np.ndarray], mean, std) -> torch.Tensor:
 def check_batch(spec: ClassifierSpec, data: Path | None = None, *, n: int = 16, approach: str | None = None,
                 progress: bool = False) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor, str]:
     """A fresh model and one balanced batch of `n` training items for spec's task (and approach)."""
-    from .backbones import create_model, get_backbone
+    from toolkit.core.backbones import create_model, get_backbone
 
     backbone = get_backbone(spec.arch)
     if spec.task == "pairs":
-        from .pairs import create_pair_model, decode_pairs, load_pair_data, stack_pair
+        from toolkit.pairs import create_pair_model, decode_pairs, load_pair_data, stack_pair
 
         approach = approach or ("siamese" if spec.approach == "both" else spec.approach)
         pairs = _balanced(load_pair_data(spec, data, progress=progress).train, lambda p: p.same, n, spec.seed)
@@ -124,7 +124,7 @@ def check_batch(spec: ClassifierSpec, data: Path | None = None, *, n: int = 16, 
                            for side in ("a", "b"))
         targets = torch.tensor([int(p.same) for p in pairs])
         return create_pair_model(approach, spec.arch, spec.pretrained), inputs, targets, f"{spec.name} ({approach})"
-    from .data import load_dataset, load_resized
+    from toolkit.data import load_dataset, load_resized
 
     dataset = load_dataset(spec, data, progress=progress)
     train = [(f, y) for f, y, v in zip(dataset.files, dataset.labels, dataset.is_valid) if not v]

@@ -14,13 +14,13 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 EXIT_ERROR = 2
 
 
 def _settings(args: argparse.Namespace):
-    from .settings import load_settings
+    from toolkit.settings import load_settings
 
     return load_settings(args.settings)
 
@@ -31,7 +31,7 @@ def _spec(args: argparse.Namespace):
 
 def cmd_backbones(args: argparse.Namespace) -> int:
     """List the registry's backbones and whether their pretrained weights are on this machine."""
-    from .backbones import BACKBONES
+    from toolkit.core.backbones import BACKBONES
 
     rows = [{"name": b.name, "weights_available": b.weights_available(),
              "weights": str(b.weights_path() or ""), "source": b.source} for b in BACKBONES.values()]
@@ -48,8 +48,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def cmd_scrape(args: argparse.Namespace) -> int:
     """Fill scrape/NAME/<class>/ from ddgs search, folder:PATH, urls:FILE or fashion-mnist[:DIR]."""
-    from . import fashion_mnist
-    from .scrape import add_class_to_settings, load_manifest, resolve_source, scrape
+    from toolkit.stages.scrape import fashion_mnist
+    from toolkit.stages.scrape.run import add_class_to_settings, load_manifest, resolve_source, scrape
 
     settings = _settings(args)
     spec = settings.get(args.name)
@@ -64,7 +64,7 @@ def cmd_scrape(args: argparse.Namespace) -> int:
         existing = spec.classes or sorted({r["class"] for r in load_manifest(spec.scrape_dir)})
         if add_class_to_settings(settings.path, spec.name, args.add_class, existing):
             print(f"added class {args.add_class.strip()!r} to [{spec.name}] in {settings.path}")
-            from .settings import load_settings
+            from toolkit.settings import load_settings
 
             spec = load_settings(settings.path).get(args.name)
         classes = [args.add_class.strip()]
@@ -88,7 +88,7 @@ def cmd_scrape(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune the classifier and write models/NAME/."""
-    from .train import train
+    from toolkit.train import train
 
     spec = _spec(args).with_overrides(arch=args.arch, size=args.size, epochs=args.epochs, lr=args.lr,
                                       bs=args.bs, freeze_epochs=args.freeze_epochs)
@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train every combination of --grid into models/NAME/sweep/ (TensorBoard, CSV, table, plot);
     --best writes the winner's values into settings.ini."""
-    from .sweep import CSV_NAME, PLOT_NAME, TABLE_NAME, apply_best, parse_grid, ranked, sweep
+    from toolkit.sweep import CSV_NAME, PLOT_NAME, TABLE_NAME, apply_best, parse_grid, ranked, sweep
 
     settings = _settings(args)
     spec = settings.get(args.name)
@@ -131,8 +131,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score the trained model on DIR/<class>/ images; confusion matrix as PNG and JSON."""
-    from .evaluate import evaluate_folder, format_report, plot_confusion
-    from .model_io import load_predictor
+    from toolkit.evaluate import evaluate_folder, format_report, plot_confusion
+    from toolkit.model_io import load_predictor
 
     spec = _spec(args)
     predictor = load_predictor(spec.models_dir)
@@ -142,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ToolkitError("evaluate needs --data DIR (" + ("a folder of photos named by pair_rule)" if pairs
                                                             else "a folder of <class>/ image folders)"))
     if pairs:  # shoe pairs: pairs built from the folder's photos, scored per group and per kind
-        from .pairs import evaluate_pairs, format_pairs_report
+        from toolkit.pairs import evaluate_pairs, format_pairs_report
 
         metrics = evaluate_pairs(predictor, Path(data), spec, progress=not args.quiet)
     else:
@@ -152,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion(metrics, out / "confusion_matrix.png", title=f"{spec.name} on {Path(data).name}")
     if metrics.get("levels"):  # task = hierarchical: one confusion matrix per level
-        from .hierarchy import plot_levels
+        from toolkit.hierarchy import plot_levels
 
         plot_levels(metrics, out, f"{spec.name} on {Path(data).name}")
     for bad in metrics["bad_files"]:
@@ -167,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Label and probabilities per file; a bad file is one line on stderr, the rest still run."""
-    from .model_io import load_predictor
+    from toolkit.model_io import load_predictor
 
     spec = _spec(args)
     predictor = load_predictor(spec.models_dir)
@@ -214,7 +214,7 @@ def _predict_pair(args: argparse.Namespace, spec, predictor) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Sanity check: can a fresh model overfit one small batch? PASS (exit 0) or FAIL (exit 1)."""
-    from .check import check
+    from toolkit.check import check
 
     spec = _spec(args)
     if args.n < 2 or args.steps < 1:
@@ -228,9 +228,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Grad-CAM of FILE as a PNG: the image and a heatmap overlay per model (per member of an ensemble)."""
-    from .explain import explanation_png
-    from .images import open_image
-    from .model_io import load_predictor
+    from toolkit.core.images import open_image
+    from toolkit.explain import explanation_png
+    from toolkit.model_io import load_predictor
 
     spec = _spec(args)
     predictor = load_predictor(spec.models_dir)
@@ -246,7 +246,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_apps(args: argparse.Namespace) -> int:
     """Write apps/NAME.ipynb for every classifier of settings.ini, and apps/index.ipynb."""
-    from .apps import write_apps
+    from toolkit.ui.apps import write_apps
 
     for path in write_apps(_settings(args)):
         print(f"wrote {path}")
@@ -255,13 +255,13 @@ def cmd_apps(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve every classifier's dashboard and the cleaning app with Voila (until Ctrl-C)."""
-    from .apps import CLEAN_APP, write_apps
-    from .voila import launch_voila, stop_voila
+    from toolkit.ui.apps import CLEAN_APP, write_apps
+    from toolkit.ui.voila import launch_voila, stop_voila
 
     settings = _settings(args)
     write_apps(settings)
     apps = settings.root / "apps"
-    from .voila import preheat_args
+    from toolkit.ui.voila import preheat_args
 
     preheated = [name for name, spec in settings.classifiers.items() if spec.preheat]
     extra = preheat_args(preheated, [n for n in settings.classifiers if n not in preheated] + ["index", "clean"])
@@ -302,8 +302,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
     """Rank and clean a classifier's raw images: the Voila widget, --report [--json] or --apply."""
     spec = _spec(args)
     if args.report or args.apply or args.dry_run or args.undo or args.undo_all:
-        from .clean.decisions import DecisionLog, apply_decisions
-        from .clean.rank import list_raw_images
+        from toolkit.stages.clean.decisions import DecisionLog, apply_decisions
+        from toolkit.stages.clean.rank import list_raw_images
 
         log = DecisionLog(spec.cleaned_dir)
         if args.undo or args.undo_all:
@@ -313,7 +313,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
                 undone = log.undo()
                 print(f"undid {undone['action']} {undone['file']}" if undone else "nothing to undo")
         if args.report:
-            from .clean.rank import rank, write_report
+            from toolkit.stages.clean.rank import rank, write_report
 
             rankings = rank(spec, args.data, size=args.size, with_model=not args.no_model)
             written = write_report(rankings, spec.cleaned_dir)
@@ -338,8 +338,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
                 print(f"applied: {result['kept']} images in {result['folder']} ({result['deleted']} deleted, "
                       f"{result['relabelled']} relabelled; {result['linked']} hard links, {result['copied']} copies)")
         return 0
-    from .clean.notebook import write_clean_notebook
-    from .voila import launch_voila, stop_voila
+    from toolkit.ui.clean_notebook import write_clean_notebook
+    from toolkit.ui.voila import launch_voila, stop_voila
 
     notebook = spec.root / "apps" / "clean.ipynb"
     if not notebook.is_file():

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ToolkitError
-from .images import BadImage, is_image_name, open_image, sha256_file, verify_images
-from .progress import progress_iter
-from .settings import ClassifierSpec
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import BadImage, is_image_name, open_image, sha256_file, verify_images
+from toolkit.core.progress import progress_iter
+from toolkit.settings import ClassifierSpec
 
 VALID_FOLDER_NAMES = ("valid", "validation", "val")
 
@@ -158,7 +158,7 @@ def load_dataset(spec: ClassifierSpec, data: Path | None = None, *, progress: bo
     if not files:
         raise ToolkitError(f"no image files in {root} (expected {root}/<class>/<image>)")
     if spec.task == "hierarchical":  # labels become paths such as tops/shirt
-        from .hierarchy import check_paths, to_paths
+        from toolkit.hierarchy import check_paths, to_paths
 
         if spec.hierarchy:
             labels = to_paths(labels, spec.hierarchy, f"[{spec.name}] hierarchy ({root})")

@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import ToolkitError
-from .evaluate import confusion, metrics_from_probs, plot_confusion, predict_files
-from .images import ImageSource, open_image
-from .model_io import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, Prediction, Predictor, read_meta, versions
-from .settings import ClassifierSpec
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import ImageSource, open_image
+from toolkit.evaluate import confusion, metrics_from_probs, plot_confusion, predict_files
+from toolkit.model_io import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, Prediction, Predictor, read_meta, versions
+from toolkit.settings import ClassifierSpec
 
 MEMBERS_DIR = "members"
 CROSS_FIT_FOLDS = 2
@@ -183,8 +183,8 @@ def train_ensemble(spec: ClassifierSpec, data: Path | None = None, *, progress: 
                    log: Callable[[str], None] = print) -> dict:
     """Train every member into models/NAME/members/<member>/ on the same split, then write the
     ensemble's model.json and metrics.json; returns the ensemble's validation metrics."""
-    from .data import load_dataset
-    from .train import data_fingerprint, train
+    from toolkit.data import load_dataset
+    from toolkit.train import data_fingerprint, train
 
     folder = spec.models_dir
     members = member_specs(spec)

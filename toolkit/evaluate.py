@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import list_labelled_images
-from .errors import ToolkitError
-from .images import verify_images
-from .model_io import Predictor
-from .progress import progress_iter
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import verify_images
+from toolkit.core.progress import progress_iter
+from toolkit.data import list_labelled_images
+from toolkit.model_io import Predictor
 
 
 def confusion(true_idx: np.ndarray, pred_idx: np.ndarray, n: int) -> np.ndarray:
@@ -102,7 +102,7 @@ def predict_files(predictor: Predictor, files: Sequence[Path], *, tta: bool = Fa
     """(N, classes) probabilities of image files, in batches, preprocessed as validation is."""
     import torch
 
-    from .data import load_resized
+    from toolkit.data import load_resized
 
     out = [np.zeros((0, len(predictor.classes)), dtype=np.float32)]
     for start in progress_iter(range(0, len(files), bs), label="evaluating", enabled=progress):
@@ -121,7 +121,7 @@ def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, gr
         raise ToolkitError(f"evaluation folder {folder} not found")
     hierarchical = predictor.meta.get("task") == "hierarchical"
     if hierarchical:
-        from .hierarchy import list_paths
+        from toolkit.hierarchy import list_paths
 
         files, labels = list_paths(folder, predictor.meta.get("hierarchy"))
     else:
@@ -144,7 +144,7 @@ def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, gr
     else:
         probs = predict_files(predictor, files, tta=tta, bs=bs, progress=progress)
     if hierarchical:
-        from .hierarchy import hierarchical_metrics
+        from toolkit.hierarchy import hierarchical_metrics
 
         metrics = hierarchical_metrics(probs, labels, predictor.classes, files, group)
     else:

@@ -1,7 +1,7 @@
 """Grad-CAM: which parts of the image made the model say this class.
 
 Works for every backbone of the registry because every model is `nn.Sequential(body, head)`
-(`toolkit.backbones.create_model`): the body's output feature map is the layer explained.
+(`toolkit.core.backbones.create_model`): the body's output feature map is the layer explained.
 The heatmap is the ReLU of the feature maps weighted by the spatially averaged gradients of the
 target class's logit, resized to the image and scaled to 0..1 (Selvaraju et al., 2017).
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ToolkitError
-from .model_io import Predictor
+from toolkit.core.errors import ToolkitError
+from toolkit.model_io import Predictor
 
 
 def gradcam(predictor: Predictor, img: Image.Image, target: int | str | None = None) -> np.ndarray:

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ToolkitError
-from .evaluate import metrics_from_probs, plot_confusion
-from .images import ImageSource, open_image
-from .model_io import Prediction, Predictor
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import ImageSource, open_image
+from toolkit.evaluate import metrics_from_probs, plot_confusion
+from toolkit.model_io import Prediction, Predictor
 
 SEP = "/"
 
@@ -83,7 +83,7 @@ def to_paths(labels: Sequence[str], mapping: dict[str, str], where: str) -> list
 def list_paths(folder: Path, mapping: dict[str, str] | None = None) -> tuple[list[Path], list[str]]:
     """Images of `folder` with path labels: through `mapping` when every class folder is in it
     (a flat data set), else from the nested folders (`folder/shoes/female/sandals/x.jpg`)."""
-    from .data import _class_folders, list_labelled_images
+    from toolkit.data import _class_folders, list_labelled_images
 
     if mapping and {p.name for p in _class_folders(folder)} <= set(mapping):
         files, labels = list_labelled_images(folder)

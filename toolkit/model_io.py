@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
-from .backbones import get_backbone
-from .errors import ToolkitError
-from .images import ImageSource, open_image
+from toolkit import __version__
+from toolkit.core.backbones import get_backbone
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import ImageSource, open_image
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -120,16 +120,16 @@ def load_predictor(folder: str | Path, device: str | None = None, optimize: bool
     an "ensemble" block. All offer classes, size, meta, predict and predict_images."""
     meta = read_meta(folder)
     if "ensemble" in meta:
-        from .ensemble import EnsemblePredictor
+        from toolkit.ensemble import EnsemblePredictor
 
         return EnsemblePredictor(folder, device=device, optimize=optimize)
     task = meta.get("task", "single")
     if task == "pairs":
-        from .pairs import PairPredictor
+        from toolkit.pairs import PairPredictor
 
         return PairPredictor(folder, device=device, optimize=optimize)
     if task == "hierarchical":
-        from .hierarchy import HierarchicalPredictor
+        from toolkit.hierarchy import HierarchicalPredictor
 
         return HierarchicalPredictor(folder, device=device, optimize=optimize)
     if task != "single":

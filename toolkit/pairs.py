@@ -38,9 +38,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import ToolkitError
-from .images import BadImage, ImageSource, is_image_name, open_image, verify_images
-from .model_io import (
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import BadImage, ImageSource, is_image_name, open_image, verify_images
+from toolkit.model_io import (
     META_FILE,
     WEIGHTS_FILE,
     ConcatPool,
@@ -50,7 +50,7 @@ from .model_io import (
     inference_model,
     linear_head,
 )
-from .settings import ClassifierSpec
+from toolkit.settings import ClassifierSpec
 
 LABELS = ["different", "same"]  # the classes, in the models' output order
 KINDS = ("positive", "hard", "easy")
@@ -293,7 +293,7 @@ class _PairGetter:
 
 def decode_pairs(pairs: Sequence[Pair], size: int, *, progress: bool = False) -> dict[Path, np.ndarray]:
     """Every photo of `pairs` decoded and squished once (a `DecodedCache`): path -> uint8 array."""
-    from .data import DecodedCache
+    from toolkit.data import DecodedCache
 
     return DecodedCache(sorted({p.a for p in pairs} | {p.b for p in pairs}), size, progress=progress).arrays
 
@@ -307,7 +307,7 @@ def pair_dataloaders(pairs: Sequence[Pair], is_valid: Sequence[bool], approach: 
     from fastai.data.transforms import IndexSplitter
     from fastai.vision.data import ImageBlock
 
-    from .data import batch_transforms
+    from toolkit.data import batch_transforms
 
     arrays = arrays if arrays is not None else decode_pairs(pairs, size, progress=progress)
     label = CategoryBlock(vocab=LABELS)
@@ -342,14 +342,14 @@ class SiameseModel(nn.Module):
 
 def siamese_split(model: SiameseModel) -> list[list[nn.Parameter]]:
     """The same three parameter groups as `backbones.body_head_split` (early body, late body, head)."""
-    from .backbones import body_head_split
+    from toolkit.core.backbones import body_head_split
 
     return body_head_split(nn.Sequential(model.body, model.head))
 
 
 def create_pair_model(approach: str, arch: str, pretrained: bool = True) -> nn.Module:
     """A trainable model of either approach from the registry's (pretrained) body."""
-    from .backbones import create_model, get_backbone
+    from toolkit.core.backbones import create_model, get_backbone
 
     if approach == "stacked":
         return create_model(arch, len(LABELS), pretrained=pretrained)
@@ -380,7 +380,7 @@ class PairPredictor(Predictor):
     stacked model over both orders (a|b and b|a); the siamese model is order-free by design."""
 
     def build_model(self) -> nn.Module:
-        from .backbones import get_backbone
+        from toolkit.core.backbones import get_backbone
 
         self.approach = self.meta.get("approach", "")
         if self.approach == "stacked":
@@ -429,7 +429,7 @@ def score_pairs(predictor: PairPredictor, pairs: Sequence[Pair], arrays: dict[Pa
                 *, symmetric: bool = True, progress: bool = False) -> dict:
     """Accuracy overall, per group and per kind (positive / hard / easy), with the confusion matrix,
     through `metrics_from_probs`; images decoded once at the predictor's size unless given."""
-    from .evaluate import accuracy_by, metrics_from_probs
+    from toolkit.evaluate import accuracy_by, metrics_from_probs
 
     if arrays is None:
         arrays = decode_pairs(pairs, predictor.size, progress=progress)
@@ -484,9 +484,9 @@ def train_approach(spec: ClassifierSpec, approach: str, pair_data: PairData, out
     `arrays` are the photos decoded at spec.size (decoded here when not given)."""
     from fastai.torch_core import set_seed
 
-    from .backbones import body_head_split, get_backbone
-    from .evaluate import plot_confusion
-    from .train import fit_learner, make_learner, plot_losses, plot_top_losses
+    from toolkit.core.backbones import body_head_split, get_backbone
+    from toolkit.evaluate import plot_confusion
+    from toolkit.train import fit_learner, make_learner, plot_losses, plot_top_losses
 
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +507,7 @@ def train_approach(spec: ClassifierSpec, approach: str, pair_data: PairData, out
             "size": spec.size, "mean": list(backbone.mean), "std": list(backbone.std),
             "pair_rule": spec.pair_rule, "symmetric": approach == "stacked",
             "data": {"dir": str(pair_data.root), **pair_data.summary()}}
-    from .model_io import export_model
+    from toolkit.model_io import export_model
 
     export_model(learn.model, out, meta)
     # The figures come from the exported model through the serving path (symmetric for stacked).

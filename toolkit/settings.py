@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import SettingsError
+from toolkit.core.errors import SettingsError
 
 TASKS = ("single", "pairs", "hierarchical")
 APPROACHES = ("stacked", "siamese", "both")
@@ -87,7 +87,7 @@ def _parse_task(value: str) -> str:
 
 def _parse_hierarchy(value: str) -> dict[str, str]:
     """`PATH` or `FOLDER: PATH` items (comma or line separated) -> {folder: path}; see toolkit/hierarchy.py."""
-    from .hierarchy import parse_hierarchy
+    from toolkit.hierarchy import parse_hierarchy
 
     return parse_hierarchy(value)
 
@@ -140,7 +140,7 @@ def _parse_fraction(value: str) -> float:
 
 
 def _parse_arch(value: str) -> str:
-    from .backbones import BACKBONES
+    from toolkit.core.backbones import BACKBONES
 
     name = value.strip()
     if name not in BACKBONES:

@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ToolkitError
-from .settings import KEYS, ClassifierSpec, set_keys
+from toolkit.core.errors import ToolkitError
+from toolkit.settings import KEYS, ClassifierSpec, set_keys
 
 # keys that change how a model trains; the others (scraping, titles, the validation split) would
 # make the runs incomparable or do nothing
@@ -161,7 +161,7 @@ def sweep(spec: ClassifierSpec, grid: str | dict, data: Path | None = None, *, p
     from fastai.callback.tensorboard import TensorBoardCallback
     from torch.utils.tensorboard import SummaryWriter
 
-    from .train import train
+    from toolkit.train import train
 
     grid = parse_grid(grid) if isinstance(grid, str) else grid
     folder = spec.models_dir / "sweep"

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import body_head_split, create_model, get_backbone, has_fastai_head
-from .data import Dataset, count_by_class, load_dataset, make_dataloaders
-from .evaluate import metrics_from_probs, plot_confusion
-from .model_io import export_model
-from .progress import progress_iter
-from .settings import ClassifierSpec
+from toolkit.core.backbones import body_head_split, create_model, get_backbone, has_fastai_head
+from toolkit.core.progress import progress_iter
+from toolkit.data import Dataset, count_by_class, load_dataset, make_dataloaders
+from toolkit.evaluate import metrics_from_probs, plot_confusion
+from toolkit.model_io import export_model
+from toolkit.settings import ClassifierSpec
 
 
 def _plt():
@@ -163,7 +163,7 @@ def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split,
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
 
-    from .callbacks import PretrainedBatchNormStats
+    from toolkit.callbacks import PretrainedBatchNormStats
 
     cbs = [PretrainedBatchNormStats(keep_bn_stats), ChannelsLast()] if pretrained else [ChannelsLast()]
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=splitter,
@@ -277,11 +277,11 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     from fastai.torch_core import set_seed
 
     if spec.task == "pairs":  # shoe pairs: stacked and/or two-input models (toolkit/pairs.py)
-        from .pairs import train_pairs
+        from toolkit.pairs import train_pairs
 
         return train_pairs(spec, data, progress=progress, log=log)
     if spec.ensemble and out is None:  # every member, then the ensemble (toolkit/ensemble.py)
-        from .ensemble import train_ensemble
+        from toolkit.ensemble import train_ensemble
 
         return train_ensemble(spec, data, progress=progress, log=log)
     started = time.time()
@@ -314,7 +314,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     valid_files, valid_labels = dataset.subset(valid=True)
     hierarchical = spec.task == "hierarchical"
     if hierarchical:  # leaf metrics decoded top down, plus accuracy and confusion per level
-        from .hierarchy import depth, hierarchical_metrics, plot_levels
+        from toolkit.hierarchy import depth, hierarchical_metrics, plot_levels
 
         metrics = hierarchical_metrics(probs, valid_labels, dataset.classes, valid_files, spec.group)
     else:
@@ -334,7 +334,7 @@ def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = Tr
     if hierarchical:
         plot_levels(metrics, out, f"{spec.name} validation")
     plot_losses(history, out / "losses.png")
-    from .data import load_resized
+    from toolkit.data import load_resized
 
     plot_top_losses([load_resized(f, spec.size) for f in valid_files], valid_labels, probs,
                     dataset.classes, out / "top_losses.png")

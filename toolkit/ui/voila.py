@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 
 def free_port(host: str = "127.0.0.1") -> int:

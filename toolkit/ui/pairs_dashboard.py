@@ -1,6 +1,6 @@
 """The shoe-pairs dashboard (`task = pairs`): two photos in, "same pair" or "different pairs" out.
 
-`toolkit.dashboard.dashboard(NAME)` returns a `PairDashboard` when the section's task is pairs,
+`toolkit.ui.dashboard.dashboard(NAME)` returns a `PairDashboard` when the section's task is pairs,
 so apps/NAME.ipynb stays the same two lines. Two FileUploads (one photo each, thumbnails shown),
 an approach selector when both approaches were trained (default: the one `toolkit train` chose),
 the verdict with the probability of "same pair" and the inference time, and a model card that
@@ -18,7 +18,11 @@ from typing import Any
 import ipywidgets as widgets
 from PIL import Image
 
-from .dashboard import (
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import MAX_PIXELS, open_image
+from toolkit.model_io import META_FILE
+from toolkit.settings import ClassifierSpec
+from toolkit.ui.dashboard import (
     MAX_UPLOAD_BYTES,
     THUMB,
     _error_html,
@@ -30,10 +34,6 @@ from .dashboard import (
     header_html,
     probability_bars,
 )
-from .errors import ToolkitError
-from .images import MAX_PIXELS, open_image
-from .model_io import META_FILE
-from .settings import ClassifierSpec
 
 SAME, DIFFERENT = "same pair", "different pairs"
 

@@ -8,7 +8,7 @@ CLEAN_SOURCE = '''\
 import os
 from pathlib import Path
 
-from toolkit.clean.widget import CleanerWidget
+from toolkit.ui.clean_app import CleanerWidget
 from toolkit.settings import load_settings
 
 settings = load_settings(os.environ.get("TOOLKIT_SETTINGS") or Path.cwd().parent / "settings.ini")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import load_resized
-from ..images import perceptual_hash, sha256_file
+from toolkit.core.images import perceptual_hash, sha256_file
+from toolkit.data import load_resized
 
 DEFAULT_SIZE = 128
 
@@ -46,7 +46,7 @@ def _write_cache(path: Path, entries: dict[str, tuple[np.ndarray, str]]) -> None
 def _model(arch: str):
     import torch
 
-    from ..backbones import get_backbone
+    from toolkit.core.backbones import get_backbone
 
     backbone = get_backbone(arch)
     body = backbone.create_body(pretrained=True).eval()

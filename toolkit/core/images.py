@@ -20,8 +20,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
-from .progress import progress_iter
+from toolkit.core.errors import ImageError
+from toolkit.core.progress import progress_iter
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; a bomb declaring more is refused

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from ..data import VALID_FOLDER_NAMES, _split_groups, _split_random, list_labelled_images
-from ..errors import ToolkitError
-from ..images import verify_images
-from ..settings import ClassifierSpec
-from .embeddings import DEFAULT_SIZE, compute_embeddings
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import verify_images
+from toolkit.data import VALID_FOLDER_NAMES, _split_groups, _split_random, list_labelled_images
+from toolkit.settings import ClassifierSpec
+from toolkit.stages.clean.embeddings import DEFAULT_SIZE, compute_embeddings
 
 OK_STATUSES = {"ok", "downloaded", "kept", "ingested", "saved"}
 
@@ -272,8 +272,8 @@ def outlier_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[s
 
 def top_losses(spec: ClassifierSpec, raw: RawImages, *, model_dir: Path | None = None) -> list[dict[str, Any]]:
     """In-sample losses of the trained model (models/NAME), highest first; [] when there is no model."""
-    from ..images import open_image
-    from ..model_io import META_FILE, load_predictor
+    from toolkit.core.images import open_image
+    from toolkit.model_io import META_FILE, load_predictor
 
     folder = Path(model_dir) if model_dir else spec.models_dir
     if not (folder / META_FILE).is_file():

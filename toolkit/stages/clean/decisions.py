@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import ToolkitError
-from .rank import RawImages
+from toolkit.core.errors import ToolkitError
+from toolkit.stages.clean.rank import RawImages
 
 ACTIONS = ("keep", "delete", "relabel")
 DECISIONS_FILE = "decisions.jsonl"

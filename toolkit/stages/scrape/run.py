@@ -5,7 +5,7 @@
 
 Sources: `ddgs` (web image search through `ddgs.DDGS().images`), `folder:PATH` (an existing
 class-folder data set), `urls:FILE` (lines `class<TAB>url`), `fashion-mnist[:DIR]` (delegates to
-toolkit.fashion_mnist.ingest). Any callable `search(query, *, max_results, **options) -> list[dict]`
+toolkit.stages.scrape.fashion_mnist.ingest). Any callable `search(query, *, max_results, **options) -> list[dict]`
 returning ddgs-shaped dicts (title, image, thumbnail, url, height, width, source) can be injected.
 
 Resume: a file is written to a temporary name and renamed, then its manifest line is appended and
@@ -37,8 +37,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 from PIL import Image
 
-from .errors import ImageError, ToolkitError
-from .images import IMAGE_EXTENSIONS, open_image, perceptual_hash
+from toolkit.core.errors import ImageError, ToolkitError
+from toolkit.core.images import IMAGE_EXTENSIONS, open_image, perceptual_hash
 
 RESULT_FIELDS = ("title", "image", "thumbnail", "url", "height", "width", "source")
 MANIFEST = "manifest.jsonl"
@@ -401,7 +401,7 @@ _CPU_SLOTS = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
 
 
 def prepare(candidate: Candidate, *, max_size: int, fetch_options: dict[str, Any], max_pixels: int) -> Outcome:
-    """Fetch, fully decode (toolkit.images.open_image), RGB, shrink to max_size, JPEG, hashes.
+    """Fetch, fully decode (toolkit.core.images.open_image), RGB, shrink to max_size, JPEG, hashes.
 
     Many threads wait on the network; only as many as there are cores decode at once (more
     threads decoding under the GIL made the whole run several times slower on 2 cores).
@@ -588,7 +588,7 @@ def scrape(spec, *, source: str | None = None, classes: list[str] | None = None,
     source = "ddgs" if search is not None and source is None else resolve_source(spec, source)
     root = spec.scrape_dir
     if source.startswith("fashion-mnist"):
-        from . import fashion_mnist
+        from toolkit.stages.scrape import fashion_mnist
 
         folder = Path(source.split(":", 1)[1]) if ":" in source else fashion_mnist.FASHION_MNIST_DIR
         counts = fashion_mnist.ingest(root, split="train", per_class=per_class, seed=spec.seed, folder=folder,
@@ -808,7 +808,7 @@ def add_class_to_settings(settings_path: Path, section: str, cls: str, existing:
     Returns False when the class is already listed. Without a `classes` key one is added holding
     `existing` (the classes found so far) and the new one.
     """
-    from .settings import _parse_list, read_config, set_keys
+    from toolkit.settings import _parse_list, read_config, set_keys
 
     cls = cls.strip()
     if not cls or "," in cls or "\n" in cls:

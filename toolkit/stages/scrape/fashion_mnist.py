@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ToolkitError
-from .images import sha256_file
-from .progress import progress_iter
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import sha256_file
+from toolkit.core.progress import progress_iter
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",

@@ -40,10 +40,10 @@ from typing import Any
 import ipywidgets as widgets
 from PIL import Image
 
-from .errors import ToolkitError
-from .images import MAX_PIXELS, open_image
-from .model_io import META_FILE, Predictor, load_predictor
-from .settings import ClassifierSpec, load_settings
+from toolkit.core.errors import ToolkitError
+from toolkit.core.images import MAX_PIXELS, open_image
+from toolkit.model_io import META_FILE, Predictor, load_predictor
+from toolkit.settings import ClassifierSpec, load_settings
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file; bigger uploads get a one-line message
 MAX_FILES = 16  # per upload
@@ -189,7 +189,7 @@ class ImageResult:
         self.label = max(probs, key=probs.get)
         path_line = ""
         if hasattr(board.predictor, "path_of"):  # task = hierarchical: one consistent path, a probability per level
-            from .hierarchy import path_html
+            from toolkit.hierarchy import path_html
 
             path = board.predictor.path_of(probs)
             self.label, path_line = path[-1][0], path_html(path)
@@ -220,7 +220,7 @@ class ImageResult:
 
     def show_cam(self, on: bool) -> None:
         if on and not self.cam_done:
-            from .explain import explain
+            from toolkit.explain import explain
 
             members = len(getattr(self.board.predictor, "members", None) or [0])  # an ensemble: side by side
             self.cam.value = _png(_shrunk(explain(self.board.predictor, _shrunk(self.img, 512)), THUMB * members))
@@ -413,7 +413,7 @@ def dashboard(name: str, settings: str | Path | None = None) -> ClassifierDashbo
     try:
         spec = load_settings(find_settings(settings)).get(name)
         if spec.task == "pairs":
-            from .pairs_dashboard import PairDashboard
+            from toolkit.ui.pairs_dashboard import PairDashboard
 
             return PairDashboard(spec)
         return ClassifierDashboard(spec)

@@ -17,9 +17,9 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..settings import ClassifierSpec
-from .decisions import DecisionLog, apply_decisions, dry_run, pending, read_applied
-from .rank import Rankings, RawImages, list_raw_images, rank
+from toolkit.settings import ClassifierSpec
+from toolkit.stages.clean.decisions import DecisionLog, apply_decisions, dry_run, pending, read_applied
+from toolkit.stages.clean.rank import Rankings, RawImages, list_raw_images, rank
 
 VIEWS = {"label issues": "label_issues", "top losses": "top_losses", "duplicates": "duplicates",
          "outliers": "outliers"}
@@ -184,7 +184,7 @@ class CleanerWidget(W.VBox):
 
     def thumbnail(self, file: str) -> bytes:
         if file not in self._thumbs:
-            from ..images import open_image
+            from toolkit.core.images import open_image
 
             try:
                 img = open_image(self.files.get(file) or self.raw.root / file, draft_size=160)

@@ -1,0 +1,1 @@
+"""The stages, one module (or package) each: scrape, clean, train, evaluate, sweep, explain, check."""

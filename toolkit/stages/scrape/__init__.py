@@ -1,0 +1,1 @@
+"""toolkit scrape: search backends, bounded downloads, dedupe, a provenance manifest, resume."""

@@ -1,0 +1,1 @@
+"""The faces a person uses: the classifier dashboards, the cleaning app, the Voila launcher, apps/."""
