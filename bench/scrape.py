@@ -118,7 +118,7 @@ def child(kind: str, url_file: Path, out: Path) -> None:
     else:
         sys.path.insert(0, str(REPO))
         from toolkit.settings import load_settings
-        from toolkit.stages.scrape.run import scrape
+        from toolkit.stages.scrape import scrape
 
         (out / "settings.ini").write_text("[bench]\nmax_size = 400\n")
         spec = load_settings(out / "settings.ini").get("bench")

@@ -21,17 +21,12 @@ from PIL import Image
 
 from toolkit.core.errors import ToolkitError
 from toolkit.settings import load_settings
-from toolkit.stages.scrape.run import (
-    DdgsBackend,
-    ScrapeError,
-    add_class_to_settings,
-    fetch,
-    load_manifest,
-    normalise_url,
-    safe_name,
-    scrape,
-)
+from toolkit.stages.scrape import ScrapeError, add_class_to_settings, load_manifest, scrape
+from toolkit.stages.scrape.dedupe import normalise_url
+from toolkit.stages.scrape.http import fetch
+from toolkit.stages.scrape.sources import DdgsBackend
 
+LOCAL = "allow_private_urls = yes\n"  # the test server is on 127.0.0.1, refused by default
 NO_SLEEP = {"sleep": lambda seconds: None, "backoff_base": 0.001, "backoff_cap": 0.01}
 
 
@@ -141,7 +136,7 @@ def site(photos):
     server.server_close()
 
 
-def make_spec(tmp_path: Path, body: str = "[web]\nclasses = shirts\nmax_size = 128\n"):
+def make_spec(tmp_path: Path, body: str = "[web]\nclasses = shirts\nmax_size = 128\n" + LOCAL):
     (tmp_path / "settings.ini").write_text(body)
     return load_settings(tmp_path / "settings.ini").get(body.split("]")[0].lstrip("["))
 
@@ -245,7 +240,7 @@ def test_ratelimit_backoff_then_success(site, tmp_path):
 
 
 def test_ratelimit_gives_up_with_one_line_and_resumes(site, tmp_path):
-    spec = make_spec(tmp_path, "[web]\nclasses = shirts, pants\nmax_size = 64\n")
+    spec = make_spec(tmp_path, "[web]\nclasses = shirts, pants\nmax_size = 64\n" + LOCAL)
     urls = [f"{site.base}/photo/{i}.jpg" for i in range(10, 13)]
 
     class PantsLimited(FakeSearch):
@@ -267,7 +262,7 @@ def test_ratelimit_gives_up_with_one_line_and_resumes(site, tmp_path):
 
 
 def test_same_image_in_two_classes_is_a_conflict(site, tmp_path):
-    spec = make_spec(tmp_path, "[web]\nclasses = shirts, pants\nmax_size = 64\n")
+    spec = make_spec(tmp_path, "[web]\nclasses = shirts, pants\nmax_size = 64\n" + LOCAL)
     urls = tmp_path / "urls.tsv"
     urls.write_text(f"shirts\t{site.base}/photo/0.jpg\nshirts\t{site.base}/photo/11.jpg\n"
                     f"pants\t{site.base}/photo/12.jpg\npants\t{site.base}/copy-a.jpg\npants\t{site.base}/photo/7.jpg\n"
@@ -284,17 +279,18 @@ def test_same_image_in_two_classes_is_a_conflict(site, tmp_path):
 
 
 def test_class_names_cannot_escape(site, tmp_path):
-    spec = make_spec(tmp_path, "[web]\nmax_size = 64\n")
+    """One name, one folder: names that are not one plain folder are refused, never rewritten."""
+    spec = make_spec(tmp_path, "[web]\nmax_size = 64\n" + LOCAL)
     search = FakeSearch([f"{site.base}/photo/{i}.jpg" for i in range(10, 12)])
-    scrape(spec, search=search, classes=["../../etc", "/abs", ".cache"], per_class=1, **NO_SLEEP)
-    inside = spec.scrape_dir.resolve()
-    written = [p for p in tmp_path.rglob("*.jpg")]
-    assert written and all(inside in p.resolve().parents for p in written)
-    assert not (tmp_path / "etc").exists()
-    assert safe_name("../../etc") == "_.._etc" and safe_name("..") == "_" and safe_name("a/b\\c") == "a_b_c"
+    for bad in ["../../etc", "/abs", ".cache", "..", "a/b", "_private", "manifest.jsonl"]:
+        with pytest.raises(ToolkitError) as info:
+            scrape(spec, search=search, classes=[bad], per_class=1, **NO_SLEEP)
+        assert "\n" not in str(info.value) and repr(bad.strip()) in str(info.value)
+    assert not list(tmp_path.rglob("*.jpg")) and not (tmp_path / "etc").exists() and not search.calls
+    scrape(spec, search=search, classes=["ok"], per_class=1, **NO_SLEEP)
     for record in load_manifest(spec.scrape_dir):
         if record["file"]:
-            assert ".." not in Path(record["file"]).parts and not record["file"].startswith(".cache")
+            assert ".." not in Path(record["file"]).parts and record["file"].startswith("ok/")
 
 
 def test_folder_source_keeps_original_paths(cars, tmp_path):
@@ -341,11 +337,12 @@ def test_ddgs_adapter_maps_recorded_results(monkeypatch):
 
 
 def test_fetch_streams_no_more_than_the_limit(site):
-    result = fetch(f"{site.base}/huge.jpg", max_bytes=100_000)
+    result = fetch(f"{site.base}/huge.jpg", max_bytes=100_000, allow_private=True)
     assert result.reason == "too-large" and "Content-Length" in result.detail
-    result = fetch(f"{site.base}/huge-no-length.jpg", max_bytes=100_000)  # no header: stop reading at the limit
+    # no header: stop reading at the limit
+    result = fetch(f"{site.base}/huge-no-length.jpg", max_bytes=100_000, allow_private=True)
     assert result.reason == "too-large" and "stopped reading" in result.detail and result.data is None
-    result = fetch(f"{site.base}/wrong-type.bin")
+    result = fetch(f"{site.base}/wrong-type.bin", allow_private=True)
     assert result.data is not None and result.http_status == 200
 
 
@@ -361,10 +358,14 @@ def test_torn_manifest_line_and_stray_files_are_cleaned(site, tmp_path):
     (root / "shirts" / "s-x.jpg.part").write_bytes(b"x")
     (root / "shirts" / "mine.jpg").write_bytes(b"x")  # not the scraper's: left alone
     assert len(load_manifest(root)) == 2 and manifest.read_bytes() == good
-    scrape(spec, search=search, per_class=3, **NO_SLEEP)
+    assert b"http://torn" in (root / "manifest.rejected").read_bytes()  # set aside, not dropped
+    report = scrape(spec, search=search, per_class=3, **NO_SLEEP)
     names = sorted(p.name for p in (root / "shirts").iterdir())
     assert "mine.jpg" in names and not any("orphan" in n or n.endswith(".part") for n in names)
     assert len(load_manifest(root)) == 3
+    moved = sorted(p.name for p in (root / "_quarantine").rglob("*") if p.is_file())  # moved, never deleted
+    assert moved == ["s-orphan-0123456789ab.jpg", "s-x.jpg.part"]
+    assert "moved 2 file(s)" in report.format()
 
 
 def test_normalise_url():
@@ -394,7 +395,7 @@ def _project(tmp_path: Path, body: str) -> Path:
 
 
 def test_cli_urls_source_and_add_class(site, tmp_path):
-    root = _project(tmp_path, "# my project\n[shop]\n# what we sell\nclasses = shirts\nmax_size = 64\n")
+    root = _project(tmp_path, "# my project\n[shop]\n# what we sell\nclasses = shirts\nmax_size = 64\n" + LOCAL)
     urls = tmp_path / "urls.tsv"
     urls.write_text("".join(f"shirts\t{site.base}/photo/{i}.jpg\n" for i in range(10, 13)) +
                     "".join(f"polo shirt\t{site.base}/photo/{i}.jpg\n" for i in range(20, 23)))
@@ -402,7 +403,7 @@ def test_cli_urls_source_and_add_class(site, tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary == {"shirts": {"candidates": 2, "ok": 2, "duplicates": 0, "conflicts": 0, "rejected": {},
-                                  "shortfall": 0}}
+                                  "shortfall": 0, "skipped": 1}}
     assert "candidates" in done.stdout  # the table
     done = run_cli("scrape", "shop", "--source", f"urls:{urls}", "--add-class", "polo shirt", "--per-class", "3",
                    "--quiet", cwd=root)
@@ -466,7 +467,7 @@ def test_cli_fashion_mnist_keeps_test_split(tmp_path):
 
 def test_sigkill_then_rerun_is_consistent(site, tmp_path):
     site.latency = 0.05
-    root = _project(tmp_path, "[web]\nclasses = pants, shirts\nmax_size = 64\n")
+    root = _project(tmp_path, "[web]\nclasses = pants, shirts\nmax_size = 64\n" + LOCAL)
     urls = tmp_path / "urls.tsv"
     urls.write_text("".join(f"pants\t{site.base}/photo/{i}.jpg\n" for i in range(10, 30)) +
                     f"pants\t{site.base}/copy-a.jpg\npants\t{site.base}/copy-b.jpg\n" +
@@ -498,7 +499,7 @@ def test_sigkill_then_rerun_is_consistent(site, tmp_path):
     ok = [r for r in records if r["status"] == "ok"]
     files = {p.relative_to(root / "scrape" / "web").as_posix()
              for p in (root / "scrape" / "web").rglob("*") if p.is_file() and ".cache" not in p.parts
-             and p.name != "manifest.jsonl"}
+             and "_quarantine" not in p.parts and p.name not in ("manifest.jsonl", ".lock")}
     assert files == {r["file"] for r in ok}  # no partial, no unrecorded file; every ok file exists
     assert len({r["sha256"] for r in ok}) == len(ok) == 28
 

@@ -48,8 +48,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def cmd_scrape(args: argparse.Namespace) -> int:
     """Fill scrape/NAME/<class>/ from ddgs search, folder:PATH, urls:FILE or fashion-mnist[:DIR]."""
-    from toolkit.stages.scrape import fashion_mnist
-    from toolkit.stages.scrape.run import add_class_to_settings, load_manifest, resolve_source, scrape
+    from toolkit.stages.scrape import add_class_to_settings, fashion_mnist, load_manifest, resolve_source, scrape
 
     settings = _settings(args)
     spec = settings.get(args.name)

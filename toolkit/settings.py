@@ -223,6 +223,8 @@ KEYS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "max_size": (_parse_positive_int, "400", "long side in pixels of scraped images"),
     "source": (_parse_source, "auto", "where scrape gets images: ddgs, fashion-mnist[:DIR], folder:PATH, urls:FILE "
                "(auto: fashion-mnist for a section named fashion-mnist, else ddgs)"),
+    "allow_private_urls": (_parse_bool, "no", "scrape may fetch URLs on loopback, private, link-local and other "
+                           "non-public addresses (tests, intranets); no: such URLs are refused"),
     "region": (_parse_region, "wt-wt", "ddgs search region, e.g. wt-wt, us-en"),
     "safesearch": (_choice("on", "moderate", "off"), "moderate", "ddgs safesearch: on, moderate or off"),
     "image_size": (_choice("", "Small", "Medium", "Large", "Wallpaper"), "", "ddgs size filter (empty: any)"),
@@ -281,6 +283,7 @@ class ClassifierSpec:
     per_class: int = 150
     max_size: int = 400
     source: str = "auto"
+    allow_private_urls: bool = False
     region: str = "wt-wt"
     safesearch: str = "moderate"
     image_size: str = ""
