@@ -82,47 +82,62 @@ class Refused(Exception):
     """A hop that must not be fetched; str() is the one-line reason."""
 
 
-def resolve_checked(host: str, port: int, *, allow_private: bool) -> str:
+Address = tuple[int, tuple[Any, ...]]  # (socket family, socket address)
+
+
+def resolve_checked(host: str, port: int, *, allow_private: bool) -> Address:
     """The one address to connect to for host:port, after checking every address the name has."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise ConnectionError(f"cannot resolve {host}: {exc}") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
-    if not addresses:
+    if not infos:
         raise ConnectionError(f"cannot resolve {host}: no address")
     if not allow_private:
-        for ip in addresses:
-            kind = address_kind(ip)
+        for info in infos:
+            kind = address_kind(info[4][0])
             if kind:
-                raise Refused(f"{host} resolves to {ip}, a {kind} address; {PRIVATE_HINT}")
-    return addresses[0]
+                raise Refused(f"{host} resolves to {info[4][0]}, a {kind} address; {PRIVATE_HINT}")
+    return infos[0][0], infos[0][4]
+
+
+def _connect(address: Address, timeout: float | None, source_address: Any) -> socket.socket:
+    """A TCP socket connected to exactly this address (no lookup of any kind)."""
+    sock = socket.socket(address[0], socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if source_address:
+            sock.bind(source_address)
+        sock.connect(address[1])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 class PinnedHTTPConnection(http.client.HTTPConnection):
     """An HTTP connection to a checked address; the Host header stays the name."""
 
-    def __init__(self, host: str, port: int | None = None, *, address: str, timeout: float):
+    def __init__(self, host: str, port: int | None = None, *, address: Address, timeout: float):
         super().__init__(host, port, timeout=timeout)
         self.address = address
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self.address, self.port), self.timeout, self.source_address)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = _connect(self.address, self.timeout, self.source_address)
 
 
 class PinnedHTTPSConnection(http.client.HTTPSConnection):
     """An HTTPS connection to a checked address; the certificate and SNI are checked against the name."""
 
-    def __init__(self, host: str, port: int | None = None, *, address: str, timeout: float,
+    def __init__(self, host: str, port: int | None = None, *, address: Address, timeout: float,
                  context: ssl.SSLContext | None = None):
         self.pinned_context = context or ssl.create_default_context()
         super().__init__(host, port, timeout=timeout, context=self.pinned_context)
         self.address = address
 
     def connect(self) -> None:
-        sock = socket.create_connection((self.address, self.port), self.timeout, self.source_address)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = _connect(self.address, self.timeout, self.source_address)
         self.sock = self.pinned_context.wrap_socket(sock, server_hostname=self.host)
 
 
