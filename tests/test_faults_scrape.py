@@ -448,3 +448,31 @@ def test_one_name_written_two_ways_is_one_folder(server, tmp_path):
                    cwd=root)
     assert done.returncode == 0, done.stderr
     assert load_settings(root / "settings.ini").get("web").classes == [nfc]  # already listed: not added twice
+
+
+def test_https_goes_to_the_checked_address_and_checks_the_name(tmp_path):
+    """TLS to the pinned address: the certificate and SNI are checked against the URL's name."""
+    import shutil
+    import ssl
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    state = Server()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    state.server.socket = server_context.wrap_socket(state.server.socket, server_side=True)
+    client = ssl.create_default_context(cafile=str(cert))
+    try:
+        result = fetch(f"https://localhost:{state.port}/photo/4.jpg", allow_private=True, context=client)
+        assert result.data == jpeg(4), result
+        assert state.hosts == [f"localhost:{state.port}"]
+        result = fetch(f"https://127.0.0.1:{state.port}/photo/4.jpg", allow_private=True, context=client, retries=0)
+        assert result.data is None and "certificate" in result.detail.lower()  # the cert names localhost only
+        result = fetch(f"https://localhost:{state.port}/photo/4.jpg", context=client)
+        assert result.reason == "private-address"  # https is checked the same way
+    finally:
+        state.close()

@@ -211,11 +211,12 @@ class _Watch:
 def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = 10 * 1024 * 1024, max_redirects: int = 5,
           retries: int = 2, retry_base: float = 0.5, sleep: Callable[[float], None] = time.sleep,
           allow_private: bool = False, trusted_hosts: Collection[str] = (),
-          downloads: Downloads | None = None) -> Fetched:
+          downloads: Downloads | None = None, context: ssl.SSLContext | None = None) -> Fetched:
     """GET an http(s) URL: checked and pinned addresses at every hop, bounded redirects, a deadline per
     attempt (redirects included), streamed size cap, 5xx retries, sniffing.
 
-    `trusted_hosts`: host names, as written in URLs, whose addresses are not checked (intranet hosts).
+    `trusted_hosts`: host names, as written in URLs, whose addresses are not checked (intranet hosts);
+    `context`: the TLS context for https (default: the system's certificates, names checked).
     """
     delays = backoff_delays(retries, retry_base, 10.0)
     current = url
@@ -241,7 +242,7 @@ def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = 10 * 1024 * 1024,
                 return Fetched(reason="timeout", detail=f"no answer within {timeout} s")
             if parts.scheme == "https":
                 conn: http.client.HTTPConnection = PinnedHTTPSConnection(host, port, address=address,
-                                                                         timeout=remaining)
+                                                                         timeout=remaining, context=context)
             else:
                 conn = PinnedHTTPConnection(host, port, address=address, timeout=remaining)
         except Refused as exc:

@@ -250,7 +250,7 @@ def per_class_written(spec: Any, settings_path: Path | None = None) -> bool:
         config = read_config(path)
         if config.has_section(spec.name):
             return config.has_option(spec.name, "per_class")
-    except ToolkitError:
+    except (ToolkitError, OSError, ValueError):  # an unreadable file: the value decides
         pass
     default = next(f.default for f in fields(ClassifierSpec) if f.name == "per_class")
     return spec.per_class != default
