@@ -149,12 +149,12 @@ def test_broken_files_and_manifest(tmp_path, clothing_small):
 
 
 def test_top_losses_from_a_trained_model(project, spec, ranked, tmp_path):
+    from toolkit.core.artifacts import write_model
     from toolkit.core.backbones import create_model
-    from toolkit.model_io import export_model
     from toolkit.stages.clean.rank import top_losses
 
     raw, _, _ = ranked
-    export_model(create_model("efficientnet_lite0", 4, pretrained=False), tmp_path,
+    write_model(tmp_path, create_model("efficientnet_lite0", 4, pretrained=False), task="single", meta=
                  {"arch": "efficientnet_lite0", "classes": CLASSES, "size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
     rows = top_losses(spec, raw, model_dir=tmp_path)
     assert len(rows) == len(raw.files) and {r["split"] for r in rows} == {"train", "valid"}

@@ -280,7 +280,7 @@ def test_broken_model_folder_is_one_line(tmp_path):
 
 
 def test_gradcam_shape_range_and_class_dependence(board, clothing_small):
-    from toolkit.explain import gradcam, overlay
+    from toolkit.stages.explain import gradcam, overlay
 
     img = Image.open(photo(clothing_small)).convert("RGB").resize((100, 70))
     maps = [gradcam(board.predictor, img, target) for target in range(len(board.classes))]
@@ -296,13 +296,14 @@ def test_gradcam_shape_range_and_class_dependence(board, clothing_small):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "efficientnet_lite0"])
 def test_gradcam_works_for_every_backbone(arch, tmp_path):
+    from toolkit.core.artifacts import write_model
     from toolkit.core.backbones import create_model, get_backbone
-    from toolkit.explain import gradcam
-    from toolkit.model_io import Predictor, export_model
+    from toolkit.predict import ImagePredictor as Predictor
+    from toolkit.stages.explain import gradcam
 
     backbone = get_backbone(arch)
     model = create_model(arch, 2, pretrained=False)
-    export_model(model, tmp_path, {"arch": arch, "classes": ["a", "b"], "size": 64,
+    write_model(tmp_path, model, task="single", meta={"arch": arch, "classes": ["a", "b"], "size": 64,
                                    "mean": list(backbone.mean), "std": list(backbone.std)})
     predictor = Predictor(tmp_path, device="cpu")
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 80, 3), dtype=np.uint8))
@@ -314,8 +315,7 @@ def test_gradcam_works_for_every_backbone(arch, tmp_path):
 def test_inference_model_matches_create_model_without_fastai(arch):
     import torch
 
-    from toolkit.core.backbones import create_model
-    from toolkit.model_io import inference_model
+    from toolkit.core.backbones import create_model, inference_model
 
     reference = create_model(arch, 3, pretrained=False).eval()
     lean = inference_model(arch, 3).eval()
@@ -326,7 +326,7 @@ def test_inference_model_matches_create_model_without_fastai(arch):
 
 
 def test_optimized_predictor_matches_the_eager_model(trained_project, clothing_small):
-    from toolkit.model_io import Predictor
+    from toolkit.predict import ImagePredictor as Predictor
 
     eager = Predictor(trained_project / "models" / "tiny", device="cpu")
     fast = Predictor(trained_project / "models" / "tiny", device="cpu", optimize=True)

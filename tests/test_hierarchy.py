@@ -9,9 +9,9 @@ from conftest import REPO, cli_env, copy_subset, run_cli
 
 from toolkit.core.errors import SettingsError, ToolkitError
 from toolkit.data import list_labelled_images, load_dataset
-from toolkit.hierarchy import decode, hierarchical_metrics, level_matrix, parse_hierarchy
-from toolkit.model_io import load_predictor
 from toolkit.settings import load_settings, set_keys
+from toolkit.tasks import load_predictor
+from toolkit.tasks.hierarchical import decode, hierarchical_metrics, level_matrix, parse_hierarchy
 
 # five clothing-small classes in two levels; `shoes` is a one-level path (paths may differ in depth)
 HIERARCHY = "tops/t-shirt, tops/shirt, bottoms/pants, bottoms/shorts, shoes"
@@ -129,7 +129,7 @@ def test_top_down_decoding_and_level_metrics_by_hand():
 @pytest.fixture(scope="module")
 def hier_project(tmp_path_factory, clothing_small):
     """[fashion-items] over 5 clothing-small classes (flat folders mapped by `hierarchy`), trained for real."""
-    from toolkit.train import train
+    from toolkit.stages.train import train
 
     root = tmp_path_factory.mktemp("hier")
     copy_subset(clothing_small / "train", root / "data" / "train", FOLDERS, 28)
@@ -237,7 +237,7 @@ def test_dashboard_shows_the_path_and_the_app_executes(hier_project, held_out, m
 
 
 def test_sweep_of_a_hierarchical_classifier_logs_each_level(hier_project):
-    from toolkit.sweep import sweep
+    from toolkit.stages.sweep import sweep
 
     spec = load_settings(hier_project / "settings.ini").get("fashion-items")
     (row,) = sweep(spec, "size=48", progress=False, log=lambda line: None)

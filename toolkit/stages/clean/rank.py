@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.core.errors import ToolkitError
+from toolkit.core.config import ClassifierSpec
 from toolkit.core.images import verify_images
-from toolkit.data import VALID_FOLDER_NAMES, _split_groups, _split_random, list_labelled_images
-from toolkit.settings import ClassifierSpec
+from toolkit.data import find_data_dir, labelled_split
 from toolkit.stages.clean.embeddings import DEFAULT_SIZE, compute_embeddings
+from toolkit.tasks import load_predictor, task_of, task_of_meta
 
 OK_STATUSES = {"ok", "downloaded", "kept", "ingested", "saved"}
 
@@ -57,11 +57,7 @@ def relname(root: Path, path: Path) -> str:
 
 def raw_root(spec: ClassifierSpec, data: Path | None = None) -> Path:
     """--data, else the `data` key, else scrape/NAME (never cleaned_data: that is derived)."""
-    root = Path(data).resolve() if data else (spec.data_dir or spec.scrape_dir)
-    if not root.is_dir():
-        raise ToolkitError(f"no raw images for [{spec.name}] in {root}: run `toolkit scrape {spec.name}` "
-                           "or pass --data DIR")
-    return root
+    return find_data_dir(spec, data, raw=True, accept=Path.is_dir)
 
 
 def read_manifest(root: Path) -> list[dict[str, Any]]:
@@ -81,21 +77,10 @@ def read_manifest(root: Path) -> list[dict[str, Any]]:
 
 def list_raw_images(spec: ClassifierSpec, data: Path | None = None, *, verify: bool = True) -> RawImages:
     """Labelled raw images and their split; undecodable files go to `broken`, with the reason."""
+    task_of(spec).require("clean", spec.name, "clean")
     root = raw_root(spec, data)
-    valid_dir = next((root / n for n in VALID_FOLDER_NAMES if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and valid_dir is not None:
-        tf, tl = list_labelled_images(root / "train")
-        vf, vl = list_labelled_images(valid_dir)
-        files, labels, is_valid = tf + vf, tl + vl, [False] * len(tf) + [True] * len(vf)
-    else:
-        files, labels = list_labelled_images(root)
-        is_valid = []
-    if spec.classes:
-        keep = [i for i, y in enumerate(labels) if y in set(spec.classes)]
-        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-        is_valid = [is_valid[i] for i in keep] if is_valid else []
-    if not files:
-        raise ToolkitError(f"no image files in {root} (expected {root}/<class>/<image>)")
+    files, labels, split = labelled_split(spec, root)
+    is_valid = split or []
     broken: list[dict[str, str]] = []
     if verify:
         _, bad = verify_images(files)
@@ -105,11 +90,7 @@ def list_raw_images(spec: ClassifierSpec, data: Path | None = None, *, verify: b
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         is_valid = [is_valid[i] for i in keep] if is_valid else []
     if not is_valid:
-        if spec.split.startswith("group:"):
-            is_valid = _split_groups(files, spec.split.split(":", 1)[1], spec.valid_pct, spec.seed)
-        else:
-            fraction = float(spec.split.split(":", 1)[1]) if spec.split.startswith("random:") else spec.valid_pct
-            is_valid = _split_random(len(files), fraction, spec.seed)
+        is_valid = spec.split_rule.assign(files, spec.valid_pct, spec.seed)
     known = {b["file"] for b in broken}
     for row in read_manifest(root):
         status = str(row.get("status", "ok")).lower()
@@ -272,14 +253,14 @@ def outlier_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[s
 
 def top_losses(spec: ClassifierSpec, raw: RawImages, *, model_dir: Path | None = None) -> list[dict[str, Any]]:
     """In-sample losses of the trained model (models/NAME), highest first; [] when there is no model."""
+    from toolkit.core.artifacts import META_FILE
     from toolkit.core.images import open_image
-    from toolkit.model_io import META_FILE, load_predictor
 
     folder = Path(model_dir) if model_dir else spec.models_dir
     if not (folder / META_FILE).is_file():
         return []
     predictor = load_predictor(folder, device="cpu")  # a model or an ensemble
-    paths = predictor.meta.get("hierarchy") or {}  # task = hierarchical: class folder -> leaf path
+    paths = task_of_meta(predictor.meta).folder_classes(predictor.meta)  # class folder -> model class
     folder_of = {path: name for name, path in paths.items()}
     idx = [i for i, y in enumerate(raw.labels) if paths.get(y, y) in predictor.classes]
     rows = []

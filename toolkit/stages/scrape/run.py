@@ -808,7 +808,9 @@ def add_class_to_settings(settings_path: Path, section: str, cls: str, existing:
     Returns False when the class is already listed. Without a `classes` key one is added holding
     `existing` (the classes found so far) and the new one.
     """
-    from toolkit.settings import _parse_list, read_config, set_keys
+    from toolkit.core.config import parse_list as _parse_list
+    from toolkit.core.config import read_config
+    from toolkit.settings import set_keys
 
     cls = cls.strip()
     if not cls or "," in cls or "\n" in cls:
