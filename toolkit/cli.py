@@ -302,21 +302,20 @@ def cmd_clean(args: argparse.Namespace) -> int:
     """Rank and clean a classifier's raw images: the Voila widget, --report [--json] or --apply."""
     spec = _spec(args)
     if args.report or args.apply or args.dry_run or args.undo or args.undo_all:
-        from toolkit.stages.clean.decisions import DecisionLog, apply_decisions
+        from toolkit.stages.clean.decisions import DecisionLog, apply_decisions, undo_report
         from toolkit.stages.clean.rank import list_raw_images
 
         log = DecisionLog(spec.cleaned_dir)
+        status = 0
         if args.undo or args.undo_all:
-            if args.undo_all:
-                print(f"undid {log.undo_all()} decision(s)")
-            else:
-                undone = log.undo()
-                print(f"undid {undone['action']} {undone['file']}" if undone else "nothing to undo")
+            print("\n".join(undo_report(log, args.session, everything=args.undo_all)))
         if args.report:
             from toolkit.stages.clean.rank import rank, write_report
 
             rankings = rank(spec, args.data, size=args.size, with_model=not args.no_model)
             written = write_report(rankings, spec.cleaned_dir)
+            for warning in rankings.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
             if args.json:
                 print(json.dumps(rankings.summary()))
             else:
@@ -326,6 +325,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
                       f"wrote {written['json']} and CSVs beside it")
         if args.apply or args.dry_run:
             result = apply_decisions(list_raw_images(spec, args.data), log, dry=args.dry_run)
+            for line in result["refused"]:
+                print(f"{'would refuse' if args.dry_run else 'refused'}: {line}", file=sys.stderr)
+            status = 1 if result["refused"] and not args.dry_run else 0
             if args.json and not args.report:
                 print(json.dumps(result))
             elif args.dry_run:
@@ -336,8 +338,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
                         print(f"  {kind} {' -> '.join(item) if isinstance(item, list) else item}")
             else:
                 print(f"applied: {result['kept']} images in {result['folder']} ({result['deleted']} deleted, "
-                      f"{result['relabelled']} relabelled; {result['linked']} hard links, {result['copied']} copies)")
-        return 0
+                      f"{result['relabelled']} relabelled; {result['copied']} copies, {result['reflinked']} of them "
+                      "reflinks)")
+        return status
     from toolkit.ui.clean_notebook import write_clean_notebook
     from toolkit.ui.voila import launch_voila, stop_voila
 
@@ -416,8 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --report: print one JSON object")
     p.add_argument("--apply", action="store_true", help="materialise cleaned_data/NAME from the decisions")
     p.add_argument("--dry-run", action="store_true", help="show what --apply would change")
-    p.add_argument("--undo", action="store_true", help="undo the last decision")
-    p.add_argument("--undo-all", action="store_true", help="undo every decision")
+    p.add_argument("--undo", action="store_true",
+                   help="undo the last decision of one session (default: the session that decided last; it is printed)")
+    p.add_argument("--undo-all", action="store_true", help="undo every decision of one session (as --undo)")
+    p.add_argument("--session", help="with --undo/--undo-all: the session whose decisions to undo")
     p.add_argument("--size", type=int, default=128, help="embedding image size (default 128)")
     p.add_argument("--no-model", action="store_true", help="skip top losses even if models/NAME exists")
     p.add_argument("--port", type=int, default=8866)
