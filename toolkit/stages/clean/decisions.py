@@ -271,7 +271,7 @@ def _split_prefix(raw: RawImages, rel: str) -> str:
 
 
 def _describe(decision: dict[str, Any]) -> str:
-    return (f"decision {decision.get('id', '?')} (relabel {decision.get('file', '?')!s} to "
+    return (f"decision {decision.get('id', '?')} (relabel {decision.get('file', '?')!r} to "
             f"{decision.get('label')!r}, session {session_of(decision)})")
 
 
