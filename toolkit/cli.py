@@ -220,8 +220,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
          arg("--report", action="store_true", help="write the rankings as CSV and JSON, no UI"),
          arg("--apply", action="store_true", help="materialise cleaned_data/NAME from the decisions"),
          arg("--dry-run", action="store_true", help="show what --apply would change"),
-         arg("--undo", action="store_true", help="undo the last decision"),
-         arg("--undo-all", action="store_true", help="undo every decision"),
+         arg("--undo", action="store_true", help="undo the last decision of one session (default: the one that "
+             "decided last; it is printed)"), arg("--undo-all", action="store_true", help="undo all of one session's"),
+         arg("--session", help="with --undo/--undo-all: the session whose decisions to undo"),
          arg("--size", type=int, default=128, help="embedding image size (default 128)"),
          arg("--no-model", action="store_true", help="skip top losses even if models/NAME exists"), *BIND)
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -232,9 +233,10 @@ def cmd_clean(args: argparse.Namespace) -> int:
     spec = _spec(args)
     if not (args.report or args.apply or args.dry_run or args.undo or args.undo_all):
         return serve_cleaner(spec, Path(args.settings).resolve(), args.data, args.host, args.port, out=out)
-    result, lines = clean_batch(spec, args.data, report=args.report, apply=args.apply, dry_run=args.dry_run,
-                                undo=args.undo, undo_all=args.undo_all, size=args.size, with_model=not args.no_model)
-    return emit(args, result, lines)
+    result, lines, code = clean_batch(spec, args.data, report=args.report, apply=args.apply, dry_run=args.dry_run,
+                                      undo=args.undo, undo_all=args.undo_all, session=args.session, size=args.size,
+                                      with_model=not args.no_model, warn=log)
+    return emit(args, result, lines, code)
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:

@@ -3,31 +3,33 @@ its UI, as one call that returns a JSON-able result and the lines a person reads
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from toolkit.core.config import ClassifierSpec
-from toolkit.stages.clean.decisions import DecisionLog, apply_decisions
+from toolkit.stages.clean.decisions import DecisionLog, apply_decisions, undo_report
 from toolkit.stages.clean.rank import list_raw_images, rank, write_report
 
 
 def clean_batch(spec: ClassifierSpec, data: Path | None = None, *, report: bool = False, apply: bool = False,
-                dry_run: bool = False, undo: bool = False, undo_all: bool = False, size: int = 128,
-                with_model: bool = True) -> tuple[dict[str, Any], list[str]]:
-    """Undo, then rank (--report), then apply or dry-run, in that order; (result, text lines)."""
+                dry_run: bool = False, undo: bool = False, undo_all: bool = False, session: str | None = None,
+                size: int = 128, with_model: bool = True,
+                warn: Callable[[str], None] = lambda line: None) -> tuple[dict[str, Any], list[str], int]:
+    """Undo (one session's: `session`, default the one that decided last), then rank (--report), then
+    apply or dry-run, in that order; (result, text lines, exit code: 1 when decisions were refused)."""
     log = DecisionLog(spec.cleaned_dir)
     result: dict[str, Any] = {}
     lines: list[str] = []
-    if undo_all:
-        result["undone"] = log.undo_all()
-        lines.append(f"undid {result['undone']} decision(s)")
-    elif undo:
-        undone = log.undo()
-        result["undone"] = undone
-        lines.append(f"undid {undone['action']} {undone['file']}" if undone else "nothing to undo")
+    status = 0
+    if undo or undo_all:
+        result["undo"] = undo_report(log, session, everything=undo_all)
+        lines += result["undo"]
     if report:
         rankings = rank(spec, data, size=size, with_model=with_model)
         written = write_report(rankings, spec.cleaned_dir)
+        for warning in rankings.warnings:
+            warn(f"warning: {warning}")
         summary = rankings.summary()
         result["report"] = summary
         lines.append(f"{len(summary['label_issues'])} label issues, {len(summary['duplicates'])} duplicate groups, "
@@ -36,6 +38,9 @@ def clean_batch(spec: ClassifierSpec, data: Path | None = None, *, report: bool 
     if apply or dry_run:
         applied = apply_decisions(list_raw_images(spec, data), log, dry=dry_run)
         result["apply"] = applied
+        for line in applied["refused"]:
+            warn(f"{'would refuse' if dry_run else 'refused'}: {line}")
+        status = 1 if applied["refused"] and not dry_run else 0
         if dry_run:
             lines.append(f"apply would add {len(applied['add'])}, remove {len(applied['remove'])} and move "
                          f"{len(applied['move'])} file(s)")
@@ -43,11 +48,11 @@ def clean_batch(spec: ClassifierSpec, data: Path | None = None, *, report: bool 
                       for kind in ("add", "remove", "move") for item in applied[kind]]
         else:
             lines.append(f"applied: {applied['kept']} images in {applied['folder']} ({applied['deleted']} deleted, "
-                         f"{applied['relabelled']} relabelled; {applied['linked']} hard links, "
-                         f"{applied['copied']} copies)")
+                         f"{applied['relabelled']} relabelled; {applied['copied']} copies, "
+                         f"{applied['reflinked']} of them reflinks)")
     # one document: the report alone (as before) when only --report was asked, else every part
     if set(result) == {"report"}:
-        return result["report"], lines
+        return result["report"], lines, status
     if set(result) == {"apply"}:
-        return result["apply"], lines
-    return result, lines
+        return result["apply"], lines, status
+    return result, lines, status
