@@ -26,14 +26,12 @@ one line in the page, so the kernel survives any upload. Widgets carry stable CS
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import json
 import os
 import re
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,7 @@ from toolkit.core.errors import ToolkitError
 from toolkit.core.images import MAX_PIXELS, open_image
 from toolkit.model_io import META_FILE, Predictor, load_predictor
 from toolkit.settings import ClassifierSpec, load_settings
+from toolkit.stages.feedback import check_feedback_label, save_feedback
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file; bigger uploads get a one-line message
 MAX_FILES = 16  # per upload
@@ -228,16 +227,7 @@ class ImageResult:
         self.cam.layout.display = None if on else "none"
 
     def save_feedback(self) -> Path:
-        label = (self.right.value or "").strip()
-        if not label:
-            raise ToolkitError("type or pick the right label first")
-        part = r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}"
-        if hasattr(self.board.predictor, "path_of"):  # task = hierarchical: a path, saved as nested folders
-            if not re.fullmatch(rf"{part}(/{part})*", label):
-                raise ToolkitError(f"label {label!r}: a path such as tops/shirt of letters, digits, spaces, '.', "
-                                   "'_' or '-'")
-        elif not re.fullmatch(part, label):
-            raise ToolkitError(f"label {label!r}: use letters, digits, spaces, '.', '_' or '-'")
+        label = check_feedback_label(self.right.value or "", hasattr(self.board.predictor, "path_of"))
         path = self.board.save_feedback(self.img, label, self.name, self.probs)
         self.saved.value = f'<span class="toolkit-ok">saved as {html.escape(label)}: {html.escape(path.name)}</span>'
         return path
@@ -372,28 +362,11 @@ class ClassifierDashboard:
 
     def save_feedback(self, img: Image.Image, label: str, original_name: str,
                       probs: dict[str, float] | None = None) -> Path:
-        """Write feedback/NAME/<label>/<timestamp>_<stem>.jpg and a feedback.jsonl line."""
-        now = datetime.now(timezone.utc)
-        folder = self.feedback_dir / label
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}_{_safe_stem(original_name)}"
-        path = folder / f"{stem}.jpg"
-        counter = 1
-        while path.exists():
-            path = folder / f"{stem}-{counter}.jpg"
-            counter += 1
-        data = _png(img.convert("RGB"), "JPEG")
-        path.write_bytes(data)
-        predicted = max(probs, key=probs.get) if probs else None
-        line = {"time": now.isoformat(timespec="seconds"), "file": str(path.relative_to(self.feedback_dir)),
-                "label": label, "predicted": predicted,
-                "probability": round(probs[predicted], 5) if predicted else None,
-                "probs": {k: round(v, 5) for k, v in (probs or {}).items()},
-                "original_name": original_name, "sha256": hashlib.sha256(data).hexdigest(),
-                "model_created": (self.predictor.meta.get("created") if self.predictor else None)}
-        with open(self.feedback_dir / "feedback.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
-        return path
+        """Write feedback/NAME/<label>/<timestamp>_<stem>.jpg and a feedback.jsonl line
+        (`toolkit.stages.feedback.save_feedback`: checked label, atomic writes, quota)."""
+        return save_feedback(self.feedback_dir, img, label, original_name, probs,
+                             self.predictor.meta.get("created") if self.predictor else None,
+                             hierarchical=hasattr(self.predictor, "path_of"))
 
 
 def dashboard(name: str, settings: str | Path | None = None) -> ClassifierDashboard | widgets.HTML:
