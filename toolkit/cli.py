@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -255,47 +254,10 @@ def cmd_apps(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve every classifier's dashboard and the cleaning app with Voila (until Ctrl-C)."""
-    from toolkit.ui.apps import CLEAN_APP, write_apps
-    from toolkit.ui.voila import launch_voila, stop_voila
+    from toolkit.ui.serve import serve_dashboards
 
-    settings = _settings(args)
-    write_apps(settings)
-    apps = settings.root / "apps"
-    from toolkit.ui.voila import preheat_args
-
-    preheated = [name for name, spec in settings.classifiers.items() if spec.preheat]
-    extra = preheat_args(preheated, [n for n in settings.classifiers if n not in preheated] + ["index", "clean"])
-    env = dict(os.environ, TOOLKIT_SETTINGS=str(settings.path))
-    log = apps / f".voila-{args.port}.log"
-    print(f"starting Voila on {apps} (log: {log}) ...", flush=True)
-    proc = launch_voila(apps, args.port, args.host, env, log_path=log, extra_args=extra, cwd=settings.root,
-                        timeout=args.timeout)
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:  # from here on, Ctrl-C or SIGTERM at any moment stops Voila and its kernels too
-        signal.signal(signal.SIGTERM, interrupt)
-        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-        base = f"http://{shown}:{args.port}"
-        print(f"serving {len(settings.classifiers)} dashboard(s); open:", flush=True)
-        print(f"  {'index':<12} {base}/voila/render/index.ipynb")
-        for name, spec in settings.classifiers.items():
-            state = "" if (spec.models_dir / "model.json").is_file() else f"  (no model yet: toolkit train {name})"
-            print(f"  {name:<12} {base}/voila/render/{name}.ipynb{state}")
-        clean_state = "" if (apps / CLEAN_APP).is_file() else "  (not installed yet)"
-        print(f"  {'cleaning':<12} {base}/voila/render/{CLEAN_APP}{clean_state}")
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: bound to {args.host}: anyone who can reach this machine can use the dashboards")
-        if preheated:
-            print(f"preheated kernels: {', '.join(preheated)}")
-        print("Ctrl-C stops the server.", flush=True)
-        proc.wait()
-    except KeyboardInterrupt:
-        print("stopping Voila ...", file=sys.stderr)
-    finally:
-        stop_voila(proc)
-    return 0 if proc.returncode in (0, -15, None) else 1
+    return serve_dashboards(_settings(args), args.host, args.port, token=not args.no_token, timeout=args.timeout,
+                            allowed_hosts=args.allow_host or (), max_kernels=args.max_kernels)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -338,22 +300,17 @@ def cmd_clean(args: argparse.Namespace) -> int:
                 print(f"applied: {result['kept']} images in {result['folder']} ({result['deleted']} deleted, "
                       f"{result['relabelled']} relabelled; {result['linked']} hard links, {result['copied']} copies)")
         return 0
-    from toolkit.ui.clean_notebook import write_clean_notebook
-    from toolkit.ui.voila import launch_voila, stop_voila
+    from toolkit.ui.serve import serve_cleaner
 
-    notebook = spec.root / "apps" / "clean.ipynb"
-    if not notebook.is_file():
-        write_clean_notebook(notebook)
-    env = dict(os.environ, TOOLKIT_CLASSIFIER=spec.name, TOOLKIT_SETTINGS=str(Path(args.settings).resolve()))
-    if args.data:
-        env["TOOLKIT_DATA"] = str(Path(args.data).resolve())
-    process = launch_voila(notebook, args.port, args.host, env, log_path=notebook.parent / f".voila-{args.port}.log",
-                           cwd=spec.root)
-    try:  # from here on, Ctrl-C at any moment stops Voila too
-        print(f"cleaning [{spec.name}] at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-        return process.wait()
-    finally:
-        stop_voila(process)
+    return serve_cleaner(spec, args.settings, args.data, args.host, args.port, token=not args.no_token,
+                         allowed_hosts=args.allow_host or ())
+
+
+def _serving_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-token", action="store_true", help="serve without a token (loopback only; any local "
+                   "program can then use the pages)")
+    p.add_argument("--allow-host", action="append", metavar="NAME", help="also accept this Host name "
+                   "(repeatable; loopback and localhost always work)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", action="store_true", help="skip top losses even if models/NAME exists")
     p.add_argument("--port", type=int, default=8866)
     p.add_argument("--host", default="127.0.0.1")
+    _serving_args(p)
 
     p = add("predict", cmd_predict)
     p.add_argument("name")
@@ -453,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8866)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for Voila to start")
+    p.add_argument("--max-kernels", type=int, default=8, help="dashboard kernels alive at once (default 8)")
+    _serving_args(p)
     return parser
 
 
