@@ -374,7 +374,7 @@ def test_kernel_cap_answers_503(served):
     assert status == 200 and b"probe-ok" in body
     _fault()
     status, _, body = _get(served.port, f"/voila/render/probe.ipynb?token={served.token}", timeout=120)
-    assert status == 503 and b"limit" in body
+    assert status == 503 and b"Too many pages open (limit 1)" in body, body[-600:]
     assert len(_kernels(served.processes())) == 1
 
 

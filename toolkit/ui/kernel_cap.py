@@ -32,8 +32,9 @@ class CappedKernelManager(AsyncMappingKernelManager):
         if live + self._starting >= self.max_kernels:
             self.log.warning("refused a kernel: %d alive, %d starting, max_kernels = %d",
                              live, self._starting, self.max_kernels)
-            raise HTTPError(503, f"this server already runs {self.max_kernels} dashboard kernels, its limit: "
-                                 "close a page (its kernel is freed within minutes) and try again")
+            raise HTTPError(503, f"this server already runs {self.max_kernels} dashboard kernels, its limit",
+                            reason=f"Too many pages open (limit {self.max_kernels}): close one, its kernel is "
+                                   "freed within minutes, and try again")
         self._starting += 1
         try:
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
