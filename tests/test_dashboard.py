@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -383,7 +384,8 @@ def server(trained_project, tmp_path_factory):
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() - started < 120, log_path.read_text()
             time.sleep(0.2)
-        yield {"url": f"http://127.0.0.1:{port}", "log": log_path, "started": started}
+        token = re.search(r"\?token=([0-9a-f]+)", log_path.read_text()).group(1)  # the printed URLs carry it
+        yield {"url": f"http://127.0.0.1:{port}", "log": log_path, "started": started, "query": f"?token={token}"}
     finally:
         from toolkit.ui.voila import stop_voila
 
@@ -425,7 +427,8 @@ def _offline_page(browser, errors: list[str]):
 
 def _open_dashboard(page, server, name: str = "tiny") -> float:
     started = time.monotonic()
-    page.goto(f"{server['url']}/voila/render/{name}.ipynb", wait_until="domcontentloaded", timeout=180_000)
+    page.goto(f"{server['url']}/voila/render/{name}.ipynb{server['query']}", wait_until="domcontentloaded",
+              timeout=180_000)
     page.wait_for_selector(".toolkit-upload", state="visible", timeout=180_000)
     return time.monotonic() - started
 
@@ -493,7 +496,8 @@ def test_browser_sources_are_stripped_and_index_links(page, browser, server):
     errors: list[str] = []
     index = _offline_page(browser, errors)
     try:
-        index.goto(f"{server['url']}/voila/render/index.ipynb", wait_until="domcontentloaded", timeout=120_000)
+        index.goto(f"{server['url']}/voila/render/index.ipynb{server['query']}", wait_until="domcontentloaded",
+                   timeout=120_000)
         link = index.wait_for_selector("a[href='tiny.ipynb']", timeout=120_000)
         assert link.get_attribute("href") == "tiny.ipynb"  # relative: /voila/render/tiny.ipynb
         assert index.locator("a[href='clean.ipynb']").count() == 1
@@ -508,7 +512,7 @@ def test_browser_four_sessions_at_once(browser, server, clothing_small):
     pages = [_offline_page(browser, errors) for _ in range(4)]
     try:
         for p in pages:  # start all four renders before waiting on any
-            p.goto(f"{server['url']}/voila/render/tiny.ipynb", wait_until="commit", timeout=180_000)
+            p.goto(f"{server['url']}/voila/render/tiny.ipynb{server['query']}", wait_until="commit", timeout=180_000)
         files = [photo(clothing_small, label, i) for i, label in enumerate(TINY_CLASSES + ["shoes"])]
         for p in pages:
             p.wait_for_selector(".toolkit-upload", state="visible", timeout=240_000)
@@ -527,7 +531,9 @@ def test_browser_four_sessions_at_once(browser, server, clothing_small):
 def test_serve_binds_loopback_and_prints_urls(server):
     text = Path(server["log"]).read_text()
     port = server["url"].rsplit(":", 1)[1]
-    assert f"http://127.0.0.1:{port}/voila/render/tiny.ipynb" in text
-    assert f"http://127.0.0.1:{port}/voila/render/clean.ipynb" in text
-    assert f"http://127.0.0.1:{port}/voila/render/index.ipynb" in text
+    query = server["query"]
+    assert len(query) == len("?token=") + 48
+    assert f"http://127.0.0.1:{port}/voila/render/tiny.ipynb{query}" in text
+    assert f"http://127.0.0.1:{port}/voila/render/clean.ipynb{query}" in text
+    assert f"http://127.0.0.1:{port}/voila/render/index.ipynb{query}" in text
     assert os.path.isfile(Path(server["log"]))

@@ -45,7 +45,9 @@ def arg(*flags: str, **options: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
 
 
 NAME, DATA = arg("name", help="the classifier: a section of settings.ini"), arg("--data", type=Path)
-BIND = [arg("--port", type=int, default=8866), arg("--host", default="127.0.0.1", help="default: loopback only")]
+BIND = [arg("--port", type=int, default=8866), arg("--host", default="127.0.0.1", help="default: loopback only"),
+        arg("--no-token", action="store_true", help="serve without a token (loopback only)"),
+        arg("--allow-host", action="append", metavar="NAME", help="also accept this Host name (repeatable)")]
 
 
 def command(name: str, *arguments: tuple[tuple[str, ...], dict[str, Any]]):
@@ -207,13 +209,15 @@ def cmd_apps(args: argparse.Namespace) -> int:
     return emit(args, [str(p) for p in paths], [f"wrote {p}" for p in paths])
 
 
-@command("serve", *BIND, arg("--timeout", type=float, default=120, help="seconds to wait for Voila to start"))
+@command("serve", *BIND, arg("--timeout", type=float, default=120, help="seconds to wait for Voila to start"),
+         arg("--max-kernels", type=int, default=8, help="dashboard kernels alive at once (default 8)"))
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve every classifier's dashboard and the cleaning app with Voila (until Ctrl-C)."""
     from toolkit.settings import load_settings
     from toolkit.ui.serve import serve_dashboards
 
-    return serve_dashboards(load_settings(args.settings), args.host, args.port, timeout=args.timeout, out=out)
+    return serve_dashboards(load_settings(args.settings), args.host, args.port, token=not args.no_token, out=out,
+                            timeout=args.timeout, allowed_hosts=args.allow_host or (), max_kernels=args.max_kernels)
 
 
 @command("clean", NAME, arg("--data", type=Path, help="raw class folders (default: the data key, else scrape/NAME)"),
@@ -232,7 +236,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     spec = _spec(args)
     if not (args.report or args.apply or args.dry_run or args.undo or args.undo_all):
-        return serve_cleaner(spec, Path(args.settings).resolve(), args.data, args.host, args.port, out=out)
+        return serve_cleaner(spec, Path(args.settings).resolve(), args.data, args.host, args.port, out=out,
+                             token=not args.no_token, allowed_hosts=args.allow_host or ())
     result, lines, code = clean_batch(spec, args.data, report=args.report, apply=args.apply, dry_run=args.dry_run,
                                       undo=args.undo, undo_all=args.undo_all, session=args.session, size=args.size,
                                       with_model=not args.no_model, warn=log)

@@ -26,14 +26,10 @@ one line in the page, so the kernel survives any upload. Widgets carry stable CS
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
-import json
 import os
-import re
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +44,7 @@ from toolkit.core.html import shrunk as _shrunk
 from toolkit.core.images import MAX_PIXELS, open_image
 from toolkit.core.project import find_settings
 from toolkit.settings import ClassifierSpec, load_settings
+from toolkit.stages.feedback import save_feedback
 from toolkit.tasks import Task, cached_predictor, task_of
 
 MAX_FILES = 16  # per upload
@@ -66,9 +63,6 @@ def has_model(spec: ClassifierSpec) -> bool:
 
 
 
-def _safe_stem(name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).stem).strip("-.") or "image"
-    return stem[:60]
 
 
 
@@ -286,28 +280,12 @@ class ClassifierDashboard:
 
     def save_feedback(self, img: Image.Image, label: str, original_name: str,
                       probs: dict[str, float] | None = None) -> Path:
-        """Write feedback/NAME/<label>/<timestamp>_<stem>.jpg and a feedback.jsonl line."""
-        now = datetime.now(timezone.utc)
-        folder = self.feedback_dir / label
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}_{_safe_stem(original_name)}"
-        path = folder / f"{stem}.jpg"
-        counter = 1
-        while path.exists():
-            path = folder / f"{stem}-{counter}.jpg"
-            counter += 1
-        data = image_bytes(img.convert("RGB"), "JPEG")
-        path.write_bytes(data)
-        predicted = max(probs, key=probs.get) if probs else None
-        line = {"time": now.isoformat(timespec="seconds"), "file": str(path.relative_to(self.feedback_dir)),
-                "label": label, "predicted": predicted,
-                "probability": round(probs[predicted], 5) if predicted else None,
-                "probs": {k: round(v, 5) for k, v in (probs or {}).items()},
-                "original_name": original_name, "sha256": hashlib.sha256(data).hexdigest(),
-                "model_created": (self.predictor.meta.get("created") if self.predictor else None)}
-        with open(self.feedback_dir / "feedback.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
-        return path
+        """Write feedback/NAME/<label>/<timestamp>_<stem>.jpg and a feedback.jsonl line
+        (`toolkit.stages.feedback.save_feedback`: checked label, atomic writes, quota)."""
+        label = self.task.check_feedback_label(label)  # a class name, or a path (hierarchical)
+        return save_feedback(self.feedback_dir, img, label, original_name, probs,
+                             self.predictor.meta.get("created") if self.predictor else None,
+                             hierarchical="/" in label)
 
 
 def dashboard(name: str, settings: str | Path | None = None) -> ClassifierDashboard | widgets.HTML:
