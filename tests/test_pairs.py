@@ -185,10 +185,12 @@ def test_cli_evaluate_and_predict_pair(pairs_project):
     assert row["same"] == (row["probability_same"] >= 0.5)
     plain = run_cli("predict", "shoes", "--pair", a, b, cwd=pairs_project)
     assert plain.stdout.startswith(f"{a}\t{b}\t") and "p(same)=" in plain.stdout
-    for args, expected in ((("predict", "shoes", a), "toolkit predict shoes --pair A B"),
-                           (("predict", "shoes", "--pair", a, "unseen/missing.jpg"), "file not found")):
+    # a usage error exits 2; an input that fails exits 1 (the CLI contract), each in one line
+    for args, expected, code in ((("predict", "shoes", a), "toolkit predict shoes --pair A B", 2),
+                                 (("predict", "shoes", "--pair", a, "unseen/missing.jpg"), "file not found", 1)):
         result = run_cli(*args, cwd=pairs_project)
-        assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and expected in result.stderr
+        assert result.returncode == code and result.stderr.strip().startswith("error: ") and expected in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_pair_predictor_is_fastai_free_and_the_siamese_model_order_free(pairs_project):

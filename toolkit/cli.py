@@ -184,7 +184,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise ToolkitError("check needs --n 2 or more and --steps 1 or more")
     results = check(_spec(args), args.data, n=args.n, steps=args.steps, lr=args.lr, threshold=args.threshold,
                     labels=args.labels, approach=args.approach, progress=not args.quiet)
-    return emit(args, [r.as_dict() for r in results], [r.line() for r in results],
+    rows = [r.as_dict() for r in results]
+    return emit(args, rows[0] if len(rows) == 1 else rows, [r.line() for r in results],
                 EXIT_OK if all(r.passed for r in results) else EXIT_FAILED)
 
 

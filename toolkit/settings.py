@@ -59,8 +59,8 @@ def load_settings(path: str | Path = "settings.ini") -> Settings:
         for key, text in raw.items():
             if key not in GENERIC_KEYS and key not in mine:
                 if key in own:
-                    raise SettingsError(f"settings [{section}] {key} belongs to {' or '.join(owners[key])}, and "
-                                        f"this section is task = {task.name}: remove {key} or set task")
+                    raise SettingsError(f"settings [{section}] {key} is set but task = {task.name} ({key} belongs "
+                                        f"to {' or '.join(owners[key])}): remove {key} or set task")
                 continue  # a [DEFAULT] value for sections of another kind
             values[key] = check_value(section, key, text, known)
         options = {key: spec_key.default_value() for key, spec_key in mine.items()}

@@ -9,8 +9,9 @@ over any kind that supports it. Generic code asks here once and never compares t
 Adding a task kind is one module with a `Task` subclass and `register(...)`, imported below.
 """
 
-from toolkit.tasks import single  # noqa: F401, I001  (each registers itself; single first in listings)
-from toolkit.tasks import ensemble, hierarchical, pairs  # noqa: F401
+from toolkit.tasks import single  # noqa: F401, I001  (each registers itself, in this order)
+from toolkit.tasks import pairs  # noqa: F401, I001
+from toolkit.tasks import ensemble, hierarchical  # noqa: F401, I001
 from toolkit.tasks.base import FEATURES, Task
 from toolkit.tasks.registry import (
     TASKS,

@@ -69,7 +69,7 @@ class Task:
         return list_labelled_images(folder)
 
     def to_labels(self, folder_labels: list[str], spec: ClassifierSpec, where: str) -> list[str]:
-        """Folder labels -> the model's class names (identity for single-label)."""
+        """Folder labels (of the data folder `where`) -> the model's class names (identity for single-label)."""
         return folder_labels
 
     def eval_images(self, folder: Path, meta: dict[str, Any]) -> tuple[list[Path], list[str]]:
@@ -82,7 +82,7 @@ class Task:
 
     def load_data(self, spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True) -> Dataset:
         return load_dataset(spec, data, list_images=lambda folder: self.list_images(folder, spec),
-                            to_labels=lambda labels, root: self.to_labels(labels, spec, f"[{spec.name}] ({root})"),
+                            to_labels=lambda labels, root: self.to_labels(labels, spec, str(root)),
                             progress=progress)
 
     # ------------------------------------------------------------ training (the shared recipe)

@@ -26,7 +26,7 @@ import numpy as np
 from toolkit.core.config import ClassifierSpec, Key
 from toolkit.core.errors import SettingsError, ToolkitError
 from toolkit.core.metrics import metrics_from_probs, plot_confusion
-from toolkit.core.names import check_label_path
+from toolkit.core.names import BadName, check_label_path
 from toolkit.data import Dataset, class_folders, list_labelled_images
 from toolkit.predict import Prediction
 from toolkit.tasks.base import FEATURES, Task
@@ -232,11 +232,12 @@ class HierarchicalTask(Task):
         return list_labelled_images(folder, nested=not spec.hierarchy)
 
     def to_labels(self, folder_labels: list[str], spec: ClassifierSpec, where: str) -> list[str]:
-        labels = to_paths(folder_labels, spec.hierarchy, f"{where} hierarchy") if spec.hierarchy else folder_labels
+        mapping = spec.hierarchy
+        labels = to_paths(folder_labels, mapping, f"[{spec.name}] hierarchy ({where})") if mapping else folder_labels
         try:
             check_paths(labels)
         except ValueError as exc:
-            raise ToolkitError(f"{where}: {exc}") from None
+            raise ToolkitError(f"[{spec.name}] {where}: {exc}") from None
         return labels
 
     def eval_images(self, folder: Path, meta: dict) -> tuple[list[Path], list[str]]:
@@ -273,7 +274,10 @@ class HierarchicalTask(Task):
             if levels else []
 
     def check_feedback_label(self, label: str) -> str:
-        return check_label_path(label, "label")
+        try:
+            return check_label_path(label, "label")
+        except BadName as exc:
+            raise BadName(f"{exc} (a label is a path such as tops/shirt)") from None
 
 
 register(HierarchicalTask())

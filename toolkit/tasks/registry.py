@@ -51,7 +51,7 @@ def describe_tasks() -> tuple[list[dict], list[str]]:
 def get_task(name: str, where: str = "task") -> Task:
     """The registered kind `name`, or a one-line error listing the known kinds."""
     if name not in TASKS:
-        raise SettingsError(f"{where} = {name!r}: unknown task; known: {', '.join(TASKS)}")
+        raise SettingsError(f"{where} = {name!r}: unknown task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
 
 

@@ -49,6 +49,8 @@ class PairPredictor(ImagePredictor):
     """models/NAME (task = pairs) without fastai or pickles. `symmetric` (the default) averages the
     stacked model over both orders (a|b and b|a); the siamese model is order-free by design."""
 
+    n_inputs = 2
+
     def build_model(self) -> nn.Module:
 
         self.approach = self.meta.get("approach", "")
