@@ -49,10 +49,11 @@ def fastai_way(files, labels, classes, size: int, seed: int) -> list[int]:
     from fastai.metrics import accuracy
 
     from toolkit.core.backbones import body_head_split, create_model, get_backbone
-    from toolkit.data import Dataset, _split_random, make_dataloaders
+    from toolkit.core.config import split_random
+    from toolkit.data import Dataset, make_dataloaders
 
     torch.manual_seed(seed)
-    is_valid = _split_random(len(files), 0.2, seed)
+    is_valid = split_random(len(files), 0.2, seed)
     dataset = Dataset(Path(DATA), list(files), list(labels), is_valid, list(classes))
     backbone = get_backbone("efficientnet_lite0")
     dls = make_dataloaders(dataset, size, 32, backbone.mean, backbone.std, seed=seed, progress=False)

@@ -40,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"bench/ensemble.py needs {DATA}")
-    from toolkit.ensemble import train_ensemble
     from toolkit.settings import load_settings
+    from toolkit.tasks.ensemble import train_ensemble
 
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,11 +46,10 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"bench/hierarchy.py needs {DATA}")
     from toolkit.data import list_labelled_images
-    from toolkit.evaluate import predict_files
-    from toolkit.hierarchy import hierarchical_metrics, to_paths
-    from toolkit.model_io import load_predictor
     from toolkit.settings import load_settings
-    from toolkit.train import train
+    from toolkit.stages.train import train
+    from toolkit.tasks import load_predictor
+    from toolkit.tasks.hierarchical import hierarchical_metrics, to_paths
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -67,7 +66,7 @@ def main() -> None:
         predictor = load_predictor(spec.models_dir)
         files, folders = list_labelled_images(data / "validation")
         labels = to_paths(folders, spec.hierarchy, "clothing-small validation")
-        probs = predict_files(predictor, files, progress=False)
+        probs = predictor.predict_files(files, progress=False)
     figures = {}
     for decoding in ("top-down", "leaf"):
         result = hierarchical_metrics(probs, labels, predictor.classes, decoding=decoding)

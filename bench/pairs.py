@@ -37,9 +37,9 @@ def main() -> int:
         print(f"missing {DATA}", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO))
-    from toolkit.pairs import PairPredictor, score_pairs
     from toolkit.settings import load_settings
-    from toolkit.train import train
+    from toolkit.stages.train import train
+    from toolkit.tasks.pairs.predictor import PairPredictor, score_pairs
 
     extra = "".join(f"{line.split('=', 1)[0].strip()} = {line.split('=', 1)[1].strip()}\n" for line in args.set)
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +58,7 @@ def main() -> int:
                    **{kind: summary["kinds"].get(kind, {}).get("accuracy") for kind in ("positive", "hard", "easy")},
                    "wall_s": summary["wall_seconds"], "fit_s": summary["fit_seconds"], "lr": summary["lr"]}
             if approach == "stacked":  # the same model without the symmetric average
-                from toolkit.pairs import load_pair_data
+                from toolkit.tasks.pairs.data import load_pair_data
 
                 one_way = score_pairs(PairPredictor(spec.models_dir / approach, device="cpu"),
                                       load_pair_data(spec, progress=False).valid, symmetric=False)

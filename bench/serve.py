@@ -159,7 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from toolkit.settings import load_settings
-    from toolkit.train import train
+    from toolkit.stages.train import train
 
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:

@@ -38,7 +38,7 @@ def subset(source: Path, dest: Path, per_class: int | None) -> Path:
 def run_toolkit(data: Path, root: Path, size: int, epochs: int, freeze_epochs: int, bs: int,
                 extra: str = "") -> dict:
     from toolkit.settings import load_settings
-    from toolkit.train import train
+    from toolkit.stages.train import train
 
     (root / "settings.ini").write_text(f"[clothing-small]\nsize = {size}\nepochs = {epochs}\n{extra}"
                                        f"freeze_epochs = {freeze_epochs}\nbs = {bs}\n")

@@ -108,7 +108,7 @@ def tiny_project(tmp_path_factory, clothing_small) -> Path:
 def trained_project(tiny_project) -> Path:
     """tiny_project with models/tiny/ trained for real (EfficientNet-Lite0, pretrained, 64 px)."""
     from toolkit.settings import load_settings
-    from toolkit.train import train
+    from toolkit.stages.train import train
 
     spec = load_settings(tiny_project / "settings.ini").get("tiny")
     train(spec, progress=False, log=lambda line: None)

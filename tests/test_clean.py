@@ -149,12 +149,12 @@ def test_broken_files_and_manifest(tmp_path, clothing_small):
 
 
 def test_top_losses_from_a_trained_model(project, spec, ranked, tmp_path):
+    from toolkit.core.artifacts import write_model
     from toolkit.core.backbones import create_model
-    from toolkit.model_io import export_model
     from toolkit.stages.clean.rank import top_losses
 
     raw, _, _ = ranked
-    export_model(create_model("efficientnet_lite0", 4, pretrained=False), tmp_path,
+    write_model(tmp_path, create_model("efficientnet_lite0", 4, pretrained=False), task="single", meta=
                  {"arch": "efficientnet_lite0", "classes": CLASSES, "size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
     rows = top_losses(spec, raw, model_dir=tmp_path)
     assert len(rows) == len(raw.files) and {r["split"] for r in rows} == {"train", "valid"}
@@ -206,9 +206,9 @@ def test_apply_undo_and_last_decision_wins(small):
     assert hat[0].split("/")[1] not in {f.split("/")[1] for f in files if f.startswith("hat/")}
     assert hat[1] in files and "hat/same.jpg" in files and "hat/same-2.jpg" in files, files
     assert not any(f.startswith("skirt/same") for f in files)
-    assert result["deleted"] == 1 and result["relabelled"] == 1 and result["linked"] == len(files)
+    assert result["deleted"] == 1 and result["relabelled"] == 1 and result["copied"] == len(files)
     assert pending(log) == {}
-    assert (spec.cleaned_dir / hat[1]).stat().st_ino == (raw.root / hat[1]).stat().st_ino
+    assert (spec.cleaned_dir / hat[1]).stat().st_ino != (raw.root / hat[1]).stat().st_ino  # copies, never links
     # undo the relabel, then everything
     assert log.undo()["action"] == "relabel"
     assert set(pending(log)) == {"skirt/same.jpg"}
@@ -233,21 +233,21 @@ def test_crash_during_apply_leaves_the_old_set(small, monkeypatch):
     decisions.apply_decisions(raw, log)
     old = cleaned_files(spec.cleaned_dir)
     log.record(raw.rel[1], "delete")
-    real_link, calls = decisions._link, []
+    real_copy, calls = decisions._copy, []
 
-    def crashing_link(src, dst):
+    def crashing_copy(src, dst):
         calls.append(dst)
         if len(calls) == 4:
             raise RuntimeError("simulated crash")
-        return real_link(src, dst)
+        return real_copy(src, dst)
 
-    monkeypatch.setattr(decisions, "_link", crashing_link)
+    monkeypatch.setattr(decisions, "_copy", crashing_copy)
     with pytest.raises(RuntimeError):
         decisions.apply_decisions(raw, log)
     assert cleaned_files(spec.cleaned_dir) == old
     assert not list(spec.cleaned_dir.parent.glob(".s.*")), "no half-built folder left behind"
     # the fallback (two renames) path: a crash between them is recovered on the next read
-    monkeypatch.setattr(decisions, "_link", real_link)
+    monkeypatch.setattr(decisions, "_copy", real_copy)
     monkeypatch.setattr(decisions, "_exchange", lambda a, b: False)
     decisions.apply_decisions(raw, log)
     assert cleaned_files(spec.cleaned_dir) == old - {raw.rel[1]}

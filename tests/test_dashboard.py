@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -280,7 +281,7 @@ def test_broken_model_folder_is_one_line(tmp_path):
 
 
 def test_gradcam_shape_range_and_class_dependence(board, clothing_small):
-    from toolkit.explain import gradcam, overlay
+    from toolkit.stages.explain import gradcam, overlay
 
     img = Image.open(photo(clothing_small)).convert("RGB").resize((100, 70))
     maps = [gradcam(board.predictor, img, target) for target in range(len(board.classes))]
@@ -296,13 +297,14 @@ def test_gradcam_shape_range_and_class_dependence(board, clothing_small):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "efficientnet_lite0"])
 def test_gradcam_works_for_every_backbone(arch, tmp_path):
+    from toolkit.core.artifacts import write_model
     from toolkit.core.backbones import create_model, get_backbone
-    from toolkit.explain import gradcam
-    from toolkit.model_io import Predictor, export_model
+    from toolkit.predict import ImagePredictor as Predictor
+    from toolkit.stages.explain import gradcam
 
     backbone = get_backbone(arch)
     model = create_model(arch, 2, pretrained=False)
-    export_model(model, tmp_path, {"arch": arch, "classes": ["a", "b"], "size": 64,
+    write_model(tmp_path, model, task="single", meta={"arch": arch, "classes": ["a", "b"], "size": 64,
                                    "mean": list(backbone.mean), "std": list(backbone.std)})
     predictor = Predictor(tmp_path, device="cpu")
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 80, 3), dtype=np.uint8))
@@ -314,8 +316,7 @@ def test_gradcam_works_for_every_backbone(arch, tmp_path):
 def test_inference_model_matches_create_model_without_fastai(arch):
     import torch
 
-    from toolkit.core.backbones import create_model
-    from toolkit.model_io import inference_model
+    from toolkit.core.backbones import create_model, inference_model
 
     reference = create_model(arch, 3, pretrained=False).eval()
     lean = inference_model(arch, 3).eval()
@@ -326,7 +327,7 @@ def test_inference_model_matches_create_model_without_fastai(arch):
 
 
 def test_optimized_predictor_matches_the_eager_model(trained_project, clothing_small):
-    from toolkit.model_io import Predictor
+    from toolkit.predict import ImagePredictor as Predictor
 
     eager = Predictor(trained_project / "models" / "tiny", device="cpu")
     fast = Predictor(trained_project / "models" / "tiny", device="cpu", optimize=True)
@@ -383,7 +384,8 @@ def server(trained_project, tmp_path_factory):
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() - started < 120, log_path.read_text()
             time.sleep(0.2)
-        yield {"url": f"http://127.0.0.1:{port}", "log": log_path, "started": started}
+        token = re.search(r"\?token=([0-9a-f]+)", log_path.read_text()).group(1)  # the printed URLs carry it
+        yield {"url": f"http://127.0.0.1:{port}", "log": log_path, "started": started, "query": f"?token={token}"}
     finally:
         from toolkit.ui.voila import stop_voila
 
@@ -425,7 +427,8 @@ def _offline_page(browser, errors: list[str]):
 
 def _open_dashboard(page, server, name: str = "tiny") -> float:
     started = time.monotonic()
-    page.goto(f"{server['url']}/voila/render/{name}.ipynb", wait_until="domcontentloaded", timeout=180_000)
+    page.goto(f"{server['url']}/voila/render/{name}.ipynb{server['query']}", wait_until="domcontentloaded",
+              timeout=180_000)
     page.wait_for_selector(".toolkit-upload", state="visible", timeout=180_000)
     return time.monotonic() - started
 
@@ -493,7 +496,8 @@ def test_browser_sources_are_stripped_and_index_links(page, browser, server):
     errors: list[str] = []
     index = _offline_page(browser, errors)
     try:
-        index.goto(f"{server['url']}/voila/render/index.ipynb", wait_until="domcontentloaded", timeout=120_000)
+        index.goto(f"{server['url']}/voila/render/index.ipynb{server['query']}", wait_until="domcontentloaded",
+                   timeout=120_000)
         link = index.wait_for_selector("a[href='tiny.ipynb']", timeout=120_000)
         assert link.get_attribute("href") == "tiny.ipynb"  # relative: /voila/render/tiny.ipynb
         assert index.locator("a[href='clean.ipynb']").count() == 1
@@ -508,7 +512,7 @@ def test_browser_four_sessions_at_once(browser, server, clothing_small):
     pages = [_offline_page(browser, errors) for _ in range(4)]
     try:
         for p in pages:  # start all four renders before waiting on any
-            p.goto(f"{server['url']}/voila/render/tiny.ipynb", wait_until="commit", timeout=180_000)
+            p.goto(f"{server['url']}/voila/render/tiny.ipynb{server['query']}", wait_until="commit", timeout=180_000)
         files = [photo(clothing_small, label, i) for i, label in enumerate(TINY_CLASSES + ["shoes"])]
         for p in pages:
             p.wait_for_selector(".toolkit-upload", state="visible", timeout=240_000)
@@ -527,7 +531,9 @@ def test_browser_four_sessions_at_once(browser, server, clothing_small):
 def test_serve_binds_loopback_and_prints_urls(server):
     text = Path(server["log"]).read_text()
     port = server["url"].rsplit(":", 1)[1]
-    assert f"http://127.0.0.1:{port}/voila/render/tiny.ipynb" in text
-    assert f"http://127.0.0.1:{port}/voila/render/clean.ipynb" in text
-    assert f"http://127.0.0.1:{port}/voila/render/index.ipynb" in text
+    query = server["query"]
+    assert len(query) == len("?token=") + 48
+    assert f"http://127.0.0.1:{port}/voila/render/tiny.ipynb{query}" in text
+    assert f"http://127.0.0.1:{port}/voila/render/clean.ipynb{query}" in text
+    assert f"http://127.0.0.1:{port}/voila/render/index.ipynb{query}" in text
     assert os.path.isfile(Path(server["log"]))

@@ -33,7 +33,7 @@ def test_ensemble_settings_parse_through_the_keys_table(tmp_path):
     a = settings.get("a")
     assert a.ensemble == [{"size": 75}, {"size": 100, "arch": "resnet34", "lr": 1e-3}] and a.ensemble_mode == "mean"
     assert settings.get("b").ensemble == [] and settings.get("b").ensemble_mode == "class_weighted"
-    from toolkit.ensemble import member_specs
+    from toolkit.tasks.ensemble import member_specs
 
     members = member_specs(a)
     assert [name for name, _ in members] == ["size75", "size100-resnet34-lr0.001"]
@@ -62,7 +62,7 @@ def test_bad_ensemble_is_one_line_naming_section_and_key(tmp_path, value, expect
 
 
 def test_class_weights_are_recall_normalised_over_members():
-    from toolkit.ensemble import class_weights, combine
+    from toolkit.tasks.ensemble import class_weights, combine
 
     first = np.array([[8, 2, 0], [1, 4, 5], [0, 0, 0]])  # recall 0.8, 0.4, (no images)
     second = np.array([[5, 5, 0], [0, 10, 0], [0, 0, 0]])  # recall 0.5, 1.0, (no images)
@@ -79,8 +79,8 @@ def test_class_weights_are_recall_normalised_over_members():
 
 
 def test_cross_fitting_scores_each_fold_with_the_other_folds_weights():
-    from toolkit.ensemble import class_weights, combine, cross_fitted, fold_of
-    from toolkit.evaluate import confusion
+    from toolkit.core.metrics import confusion
+    from toolkit.tasks.ensemble import class_weights, combine, cross_fitted, fold_of
 
     rng = np.random.default_rng(0)
     true = np.repeat([0, 1, 2], [10, 7, 5])
@@ -133,7 +133,7 @@ def cars_project(tmp_path_factory, cars):
 
 
 def test_each_member_trains_like_a_classifier_on_one_split(cars_project):
-    from toolkit.ensemble import class_weights
+    from toolkit.tasks.ensemble import class_weights
 
     out = cars_project / "models" / "cars"
     fingerprints = set()
@@ -158,9 +158,9 @@ def test_each_member_trains_like_a_classifier_on_one_split(cars_project):
 
 
 def test_evaluate_reports_every_member_and_the_ensemble_per_class(cars_project):
-    from toolkit.ensemble import EnsemblePredictor, combine
-    from toolkit.evaluate import predict_files
-    from toolkit.model_io import Predictor, load_predictor
+    from toolkit.predict import ImagePredictor as Predictor
+    from toolkit.tasks import load_predictor
+    from toolkit.tasks.ensemble import EnsemblePredictor, combine
 
     held_out = cars_project / "held_out"
     result = run_cli("evaluate", "cars", "--data", held_out, "--json", "--quiet", cwd=cars_project)
@@ -178,7 +178,7 @@ def test_evaluate_reports_every_member_and_the_ensemble_per_class(cars_project):
     probs = []
     for name in ("size64", "size80"):
         member = Predictor(cars_project / "models" / "cars" / "members" / name, device="cpu")
-        probs.append(predict_files(member, files, progress=False))
+        probs.append(member.predict_files(files, progress=False))
         correct = np.mean([CARS[i] == y for i, y in zip(probs[-1].argmax(1), labels)])
         assert metrics["members"][name]["accuracy"] == pytest.approx(correct, abs=1e-4)
     combined = combine(probs, "class_weighted", ensemble.weights)
@@ -190,7 +190,7 @@ def test_evaluate_reports_every_member_and_the_ensemble_per_class(cars_project):
 
 
 def test_mean_mode_and_predict_through_load_predictor(cars_project, tmp_path):
-    from toolkit.model_io import load_predictor
+    from toolkit.tasks import load_predictor
 
     photo = sorted((cars_project / "held_out" / "SUV").iterdir())[0]
     result = run_cli("predict", "cars", photo, "--json", cwd=cars_project)
@@ -207,8 +207,8 @@ def test_mean_mode_and_predict_through_load_predictor(cars_project, tmp_path):
 
 
 def test_gradcam_per_member_differs_between_classes(cars_project):
-    from toolkit.explain import explain, gradcams
-    from toolkit.model_io import load_predictor
+    from toolkit.stages.explain import explain, gradcams
+    from toolkit.tasks import load_predictor
 
     ensemble = load_predictor(cars_project / "models" / "cars", device="cpu")
     img = Image.open(sorted((cars_project / "held_out" / "Sedan").iterdir())[0]).convert("RGB").resize((120, 90))
@@ -284,9 +284,9 @@ def test_dashboard_and_cars_app_serve_the_ensemble(cars_project, monkeypatch):
 def test_two_backbones_at_two_sizes_on_clothing(tmp_path, clothing_small):
     """efficientnet_lite0 (pretrained, 1+1 epochs) at 64 px + resnet18 (from scratch, 1 epoch) at 72 px,
     on a train/ + validation/ folder split."""
-    from toolkit.ensemble import train_ensemble
-    from toolkit.explain import gradcams
-    from toolkit.model_io import load_predictor
+    from toolkit.stages.explain import gradcams
+    from toolkit.tasks import load_predictor
+    from toolkit.tasks.ensemble import train_ensemble
 
     classes = ["pants", "shoes", "t-shirt"]
     copy_subset(clothing_small / "train", tmp_path / "data" / "train", classes, 20)

@@ -367,13 +367,11 @@ def test_folder_import_over_the_default_quota_takes_all_and_says_so(tmp_path):
             (source / cls / f"{i:04d}.jpg").write_bytes(jpeg(1000 * len(cls) + i, size=32))
     (source / "_extras").mkdir()
     root = project(tmp_path, "[flowers]\nmax_size = 32\n")
-    done = run_cli("scrape", "flowers", "--source", f"folder:{source}", "--quiet", "--json", cwd=root)
+    done = run_cli("scrape", "flowers", "--source", f"folder:{source}", "--quiet", cwd=root)
     assert done.returncode == 0, done.stderr
     assert len(list((root / "scrape" / "flowers" / "daisy").glob("*.jpg"))) == 160  # not 150
     assert "took every image of the source (163 candidate(s)); no quota" in done.stdout
     assert "_extras" in done.stdout and "query templates" not in done.stdout
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["daisy"]["ok"] == 160 and summary["daisy"]["shortfall"] == 0
     # a quota the user wrote in settings.ini is honoured, and what it left out is said
     other = project(tmp_path / "quota", "[flowers]\nmax_size = 32\nper_class = 100\n")
     done = run_cli("scrape", "flowers", "--source", f"folder:{source}", "--quiet", cwd=other)
@@ -392,9 +390,9 @@ def test_folder_import_over_the_default_quota_takes_all_and_says_so(tmp_path):
 def test_url_list_import_takes_all_without_a_quota(server, tmp_path):
     root = project(tmp_path, "[web]\nmax_size = 32\n" + LOCAL)
     urls = url_file(tmp_path / "urls.tsv", server.base, {"a": range(0, 170)})
-    done = run_cli("scrape", "web", "--source", f"urls:{urls}", "--quiet", "--json", cwd=root)
+    done = run_cli("scrape", "web", "--source", f"urls:{urls}", "--quiet", cwd=root)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["a"]["ok"] == 170
+    assert len(list((root / "scrape" / "web" / "a").glob("*.jpg"))) == 170
     assert "URL list import: took every image" in done.stdout
 
 
@@ -415,7 +413,7 @@ EMOJI = "\U0001f600" * 100
     ("[web]\nclasses = dogs\n", ["--add-class", "manifest.jsonl"], "the scraper's own file"),
     ("[web]\nclasses = dogs\n", ["--classes", "a/b"], "holds a path separator"),
     ("[web]\nclasses = dogs\n", ["--classes", "a_b,A_B"], "would be one folder"),
-    ("[web]\nclasses = a, _b\n", [], "settings [web] classes: class name '_b' starts with '_'"),
+    ("[web]\nclasses = a, _b\n", [], "settings [web] classes = 'a, _b': class name '_b' starts with '_'"),
     ("[web]\nclasses = dogs\n", ["--source", "urls:bad.tsv"], "bad.tsv:2: class name 'x/y' holds a path"),
     ("[web]\n", ["--source", "folder:twins"], "two folders are the class 'caf\u00e9'"),
 ])

@@ -8,10 +8,10 @@ import pytest
 from conftest import REPO, cli_env, copy_subset, run_cli
 
 from toolkit.core.errors import SettingsError, ToolkitError
-from toolkit.data import list_labelled_images, load_dataset
-from toolkit.hierarchy import decode, hierarchical_metrics, level_matrix, parse_hierarchy
-from toolkit.model_io import load_predictor
+from toolkit.data import list_labelled_images
 from toolkit.settings import load_settings, set_keys
+from toolkit.tasks import load_predictor, task_of
+from toolkit.tasks.hierarchical import decode, hierarchical_metrics, level_matrix, parse_hierarchy
 
 # five clothing-small classes in two levels; `shoes` is a one-level path (paths may differ in depth)
 HIERARCHY = "tops/t-shirt, tops/shirt, bottoms/pants, bottoms/shorts, shoes"
@@ -79,6 +79,12 @@ def test_set_keys_keeps_comments_and_validates(tmp_path):
     assert load_settings(path).get("a").size == 128  # a refused edit leaves the file alone
 
 
+
+def path_of(predictor, probs):
+    """The decoded path of one image's leaf probabilities, as the task describes it."""
+    return predictor.task.describe(predictor.classes, probs).path
+
+
 # ------------------------------------------------------------------ labels and metrics
 
 
@@ -90,18 +96,18 @@ def test_nested_folders_are_paths_only_for_hierarchical(tmp_path, clothing_small
     assert sorted(set(labels)) == ["shoes/female/shoes", "tops/shirt", "tops/t-shirt"] and len(files) == 9
     assert sorted(set(list_labelled_images(root)[1])) == ["shoes", "tops"]  # single: the top class, unchanged
     spec = load_settings(_write(tmp_path, "[h]\ntask = hierarchical\nsplit = random:0.3\n")).get("h")
-    assert sorted(set(load_dataset(spec, root, progress=False).labels)) == [
+    assert sorted(set(task_of(spec).load_data(spec, root, progress=False).labels)) == [
         "shoes/female/shoes", "tops/shirt", "tops/t-shirt"]
     (root / "tops" / "loose.jpg").write_bytes(next((root / "tops" / "shirt").iterdir()).read_bytes())
     with pytest.raises(ToolkitError, match="'tops' is both a class and the parent of 'tops/shirt'"):
-        load_dataset(spec, root, progress=False)
+        task_of(spec).load_data(spec, root, progress=False)
 
 
 def test_unmapped_folder_is_a_one_line_error(tmp_path, clothing_small):
     root = copy_subset(clothing_small / "train", tmp_path / "flat", ["hat", "shirt"], 3)
     spec = load_settings(_write(tmp_path, "[h]\ntask = hierarchical\nhierarchy = tops/shirt\n")).get("h")
     with pytest.raises(ToolkitError, match=r"\[h\] hierarchy .*class folder\(s\) \['hat'\] are not in the hierarchy"):
-        load_dataset(spec, root, progress=False)
+        task_of(spec).load_data(spec, root, progress=False)
 
 
 def test_top_down_decoding_and_level_metrics_by_hand():
@@ -129,7 +135,7 @@ def test_top_down_decoding_and_level_metrics_by_hand():
 @pytest.fixture(scope="module")
 def hier_project(tmp_path_factory, clothing_small):
     """[fashion-items] over 5 clothing-small classes (flat folders mapped by `hierarchy`), trained for real."""
-    from toolkit.train import train
+    from toolkit.stages.train import train
 
     root = tmp_path_factory.mktemp("hier")
     copy_subset(clothing_small / "train", root / "data" / "train", FOLDERS, 28)
@@ -171,7 +177,7 @@ def test_paths_are_consistent_on_real_photos(hier_project, held_out):
     all_probs = predictor.predict_images([open_image(f, draft_size=predictor.size) for f in files])
     right_top = 0
     for probs, folder in zip(all_probs, folders):
-        path = predictor.path_of(probs)
+        path = path_of(predictor, probs)
         assert path[-1][0] in predictor.classes
         for (parent, p_parent), (child, p_child) in zip(path, path[1:]):
             assert child.startswith(parent + "/") and p_child <= p_parent + 1e-6
@@ -181,7 +187,7 @@ def test_paths_are_consistent_on_real_photos(hier_project, held_out):
         right_top += path[0][0] == PATHS[folder].split("/")[0]
     assert right_top / len(files) >= 0.6, right_top  # tops / bottoms / shoes: chance is about 1/3
     prediction = predictor.predict(files[0])  # the one-image API gives the same path
-    expected = predictor.path_of(all_probs[0])
+    expected = path_of(predictor, all_probs[0])
     assert [n for n, _ in prediction.path] == [n for n, _ in expected]
     assert [p for _, p in prediction.path] == pytest.approx([p for _, p in expected], abs=1e-5)
     assert prediction.label == prediction.path[-1][0]
@@ -237,7 +243,7 @@ def test_dashboard_shows_the_path_and_the_app_executes(hier_project, held_out, m
 
 
 def test_sweep_of_a_hierarchical_classifier_logs_each_level(hier_project):
-    from toolkit.sweep import sweep
+    from toolkit.stages.sweep import sweep
 
     spec = load_settings(hier_project / "settings.ini").get("fashion-items")
     (row,) = sweep(spec, "size=48", progress=False, log=lambda line: None)

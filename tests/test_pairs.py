@@ -17,16 +17,11 @@ from conftest import cli_env, run_cli
 from PIL import Image
 
 from toolkit.core.errors import SettingsError, ToolkitError
-from toolkit.pairs import (
-    PairPredictor,
-    build_pairs,
-    complete_pairs,
-    evaluate_pairs,
-    load_pair_data,
-    parse_photos,
-    stack_pair,
-)
-from toolkit.settings import DEFAULT_PAIR_RULE, load_settings
+from toolkit.settings import load_settings
+from toolkit.tasks.pairs import DEFAULT_PAIR_RULE
+from toolkit.tasks.pairs.data import build_pairs, complete_pairs, load_pair_data, parse_photos
+from toolkit.tasks.pairs.model import stack_pair
+from toolkit.tasks.pairs.predictor import PairPredictor, evaluate_pairs
 
 TRAIN_PEOPLE = range(1, 25)  # u001..u024 train and validate the test model
 UNSEEN_PEOPLE = range(90, 114)  # u090..u113: never seen by it
@@ -56,7 +51,7 @@ def photos(shoe_pairs):
 @pytest.fixture(scope="module")
 def pairs_project(tmp_path_factory, shoe_pairs) -> Path:
     """A project whose [shoes] section trains both approaches for real on 24 people (64 px)."""
-    from toolkit.train import train
+    from toolkit.stages.train import train
 
     root = tmp_path_factory.mktemp("pairs-project")
     _link_people(shoe_pairs / "train", root / "data", TRAIN_PEOPLE)
@@ -117,7 +112,7 @@ def test_person_level_split_never_shares_a_person(tmp_path, shoe_pairs):
 
 
 def test_stacked_image_has_the_right_size_and_order(photos):
-    from toolkit.data import load_resized
+    from toolkit.core.images import load_squished as load_resized
 
     left, right = complete_pairs(photos)[("u001", "1")]
     a, b = load_resized(left.path, 64), load_resized(right.path, 64)
@@ -190,15 +185,17 @@ def test_cli_evaluate_and_predict_pair(pairs_project):
     assert row["same"] == (row["probability_same"] >= 0.5)
     plain = run_cli("predict", "shoes", "--pair", a, b, cwd=pairs_project)
     assert plain.stdout.startswith(f"{a}\t{b}\t") and "p(same)=" in plain.stdout
-    for args, expected in ((("predict", "shoes", a), "toolkit predict shoes --pair A B"),
-                           (("predict", "shoes", "--pair", a, "unseen/missing.jpg"), "file not found")):
+    # a usage error exits 2; an input that fails exits 1 (the CLI contract), each in one line
+    for args, expected, code in ((("predict", "shoes", a), "toolkit predict shoes --pair A B", 2),
+                                 (("predict", "shoes", "--pair", a, "unseen/missing.jpg"), "file not found", 1)):
         result = run_cli(*args, cwd=pairs_project)
-        assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and expected in result.stderr
+        assert result.returncode == code and result.stderr.strip().startswith("error: ") and expected in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_pair_predictor_is_fastai_free_and_the_siamese_model_order_free(pairs_project):
     folder = pairs_project / "models" / "shoes" / "siamese"
-    code = ("import sys, json; from toolkit.pairs import PairPredictor; "
+    code = ("import sys, json; from toolkit.tasks.pairs.predictor import PairPredictor; "
             f"p = PairPredictor({str(folder)!r}, device='cpu'); "
             f"r = p.predict_pair({str(pairs_project / 'unseen' / 'u101_2_left_m.jpg')!r}, "
             f"{str(pairs_project / 'unseen' / 'u101_3_right_m.jpg')!r}); "
@@ -245,8 +242,8 @@ def _upload(path: Path) -> dict:
 
 
 def test_pairs_dashboard_compares_two_uploads(pairs_project):
+    from toolkit.tasks.pairs.dashboard import PairDashboard
     from toolkit.ui.dashboard import dashboard
-    from toolkit.ui.pairs_dashboard import PairDashboard
 
     board = dashboard("shoes", pairs_project / "settings.ini")
     assert isinstance(board, PairDashboard)

@@ -8,7 +8,7 @@ from conftest import copy_subset, run_cli
 
 from toolkit.core.errors import ToolkitError
 from toolkit.settings import load_settings
-from toolkit.sweep import combinations, combo_name, parse_grid
+from toolkit.stages.sweep import combinations, combo_name, parse_grid
 
 SETTINGS = ("# sweep test project\n[DEFAULT]\nseed = 1\n\n[s]\n# tuned by hand, then by a sweep\ndata = data\n"
             "size = 64\nepochs = 1\nfreeze_epochs = 1\nbs = 16\nlr_find_iters = 20\n\n[other]\nsize = 96\n")

@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_CLASSES, copy_subset, run_cli
 
 from toolkit.data import list_labelled_images, load_dataset
-from toolkit.model_io import Predictor
+from toolkit.predict import ImagePredictor as Predictor
 from toolkit.settings import load_settings
 
 
@@ -36,7 +36,7 @@ def test_training_writes_every_artifact(trained_project):
 
 
 def test_no_frozen_phase_trains_unfrozen_straight_away(tiny_project, tmp_path):
-    from toolkit.train import train
+    from toolkit.stages.train import train
 
     spec = load_settings(tiny_project / "settings.ini").get("tiny").with_overrides(freeze_epochs=0, size=64)
     metrics = train(spec, progress=False, log=lambda line: None, out=tmp_path / "model")

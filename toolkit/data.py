@@ -9,20 +9,16 @@ Images are verified first; bad files are reported and left out, never modified.
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+from toolkit.core.config import ClassifierSpec
 from toolkit.core.errors import ToolkitError
-from toolkit.core.images import BadImage, is_image_name, open_image, sha256_file, verify_images
+from toolkit.core.images import BadImage, is_image_name, load_squished, sha256_file, verify_images
 from toolkit.core.progress import progress_iter
-from toolkit.settings import ClassifierSpec
 
 VALID_FOLDER_NAMES = ("valid", "validation", "val")
 
@@ -52,8 +48,13 @@ class Dataset:
         return [f for f, _ in picked], [y for _, y in picked]
 
 
-def _class_folders(folder: Path) -> list[Path]:
+def class_folders(folder: Path) -> list[Path]:
+    """The class folders of `folder`: its sub-folders, less hidden ones and those starting with '_'."""
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def has_class_folders(folder: Path) -> bool:
+    return folder.is_dir() and bool(class_folders(folder))
 
 
 def list_labelled_images(folder: Path, nested: bool = False) -> tuple[list[Path], list[str]]:
@@ -61,7 +62,7 @@ def list_labelled_images(folder: Path, nested: bool = False) -> tuple[list[Path]
     `nested` (task = hierarchical) are the label path: `shoes/female/sandals/x.jpg` ->
     `shoes/female/sandals`."""
     files, labels = [], []
-    for class_dir in _class_folders(folder):
+    for class_dir in class_folders(folder):
         for path in sorted(class_dir.rglob("*")):
             if path.is_file() and is_image_name(path):
                 files.append(path)
@@ -69,52 +70,29 @@ def list_labelled_images(folder: Path, nested: bool = False) -> tuple[list[Path]
     return files, labels
 
 
-def find_data_dir(spec: ClassifierSpec, data: Path | None = None) -> Path:
-    """--data, else the `data` key, else cleaned_data/NAME, else scrape/NAME."""
-    candidates = [Path(data).resolve()] if data else []
-    if not candidates and spec.data_dir:
-        candidates = [spec.data_dir]
-    if not candidates:
-        candidates = [spec.cleaned_dir, spec.scrape_dir]
+def find_data_dir(spec: ClassifierSpec, data: Path | None = None, *, raw: bool = False,
+                  accept: Callable[[Path], bool] = has_class_folders, expected: str = "DIR/<class>/<image>") -> Path:
+    """The one rule for a classifier's data folder: --data, else the `data` key, else
+    cleaned_data/NAME (unless `raw`: cleaning reads raw data only), else scrape/NAME; the first that
+    `accept`s (default: it has class folders)."""
+    given = Path(data).resolve() if data else spec.data_dir
+    candidates = [given] if given else ([spec.scrape_dir] if raw else [spec.cleaned_dir, spec.scrape_dir])
     for folder in candidates:
-        if folder.is_dir() and _class_folders(folder):
+        if accept(folder):
             return folder
-    if data or spec.data_dir:
-        raise ToolkitError(f"data folder {candidates[0]} has no class folders (expected DIR/<class>/<image>)")
-    raise ToolkitError(
-        f"no images for [{spec.name}] in {spec.cleaned_dir} or {spec.scrape_dir}: "
-        f"run `toolkit scrape {spec.name}` or pass --data DIR"
-    )
+    if given:
+        what = "not found" if not given.is_dir() else f"has no class folders (expected {expected})"
+        raise ToolkitError(f"data folder {given} {what}: fix the `data` key of [{spec.name}] or --data")
+    tried = " or ".join(str(c) for c in candidates)
+    raise ToolkitError(f"no images for [{spec.name}] in {tried}: run `toolkit scrape {spec.name}` or pass --data DIR")
 
 
-def _valid_folder(root: Path) -> Path | None:
-    for name in VALID_FOLDER_NAMES:
-        if (root / name).is_dir():
-            return root / name
-    return None
+def valid_folder(root: Path) -> Path | None:
+    """root/valid (or validation, val) when the data set brings its own validation folder."""
+    return next((root / name for name in VALID_FOLDER_NAMES if (root / name).is_dir()), None)
 
 
-def _split_random(n: int, fraction: float, seed: int) -> list[bool]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held = set(order[: max(1, round(n * fraction))]) if n > 1 else set()
-    return [i in held for i in range(n)]
-
-
-def _split_groups(files: Sequence[Path], pattern: str, fraction: float, seed: int) -> list[bool]:
-    regex = re.compile(pattern)
-    groups = []
-    for path in files:
-        match = regex.search(path.name)
-        if not match:
-            raise ToolkitError(f"split group:{pattern} does not match file {path}; fix the regex in settings.ini")
-        groups.append(match.group(1))
-    names = sorted(set(groups))
-    held = {names[i] for i, v in enumerate(_split_random(len(names), fraction, seed)) if v}
-    return [g in held for g in groups]
-
-
-def _leak_warning(files: Sequence[Path], is_valid: Sequence[bool]) -> str | None:
+def leak_warning(files: Sequence[Path], is_valid: Sequence[bool]) -> str | None:
     """Identical files in train and valid make validation figures lie: say how many."""
     by_hash: dict[str, set[bool]] = defaultdict(set)
     hashes = {}
@@ -129,64 +107,80 @@ def _leak_warning(files: Sequence[Path], is_valid: Sequence[bool]) -> str | None
             "validation accuracy is optimistic: remove them with `toolkit clean`")
 
 
-def load_dataset(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True) -> Dataset:
-    """Find, verify and split the classifier's images; bad files are listed and left out."""
-    root = find_data_dir(spec, data)
+Lister = Callable[[Path], tuple[list[Path], list[str]]]
+
+
+def _keep(items: Sequence, keep: Sequence[int]) -> list:
+    return [items[i] for i in keep]
+
+
+def labelled_split(spec: ClassifierSpec, root: Path, list_images: Lister = list_labelled_images,
+                   ) -> tuple[list[Path], list[str], list[bool] | None]:
+    """Files and folder labels of `root`, filtered to spec.classes, with the data's own split when it has
+    train/ + valid/ folders and the split rule uses them (else None: the rule assigns it later)."""
     train_root = root / "train" if (root / "train").is_dir() else None
-    valid_root = _valid_folder(root)
-    nested = spec.task == "hierarchical" and not spec.hierarchy
-    if train_root and valid_root and spec.split in ("auto", "folder"):
-        train_files, train_labels = list_labelled_images(train_root, nested)
-        valid_files, valid_labels = list_labelled_images(valid_root, nested)
-        files = train_files + valid_files
-        labels = train_labels + valid_labels
+    valid_root = valid_folder(root)
+    rule = spec.split_rule
+    is_valid: list[bool] | None = None
+    if train_root and valid_root and rule.uses_folders:
+        train_files, train_labels = list_images(train_root)
+        valid_files, valid_labels = list_images(valid_root)
+        files, labels = train_files + valid_files, train_labels + valid_labels
         is_valid = [False] * len(train_files) + [True] * len(valid_files)
     else:
-        if spec.split == "folder":
+        if rule.kind == "folder":
             raise ToolkitError(f"split = folder but {root} has no train/ and valid/ folders")
-        files, labels = list_labelled_images(train_root or root, nested)
-        is_valid = []
+        files, labels = list_images(train_root or root)
     if spec.classes:
         known = set(spec.classes)
         keep = [i for i, y in enumerate(labels) if y in known]
-        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-        if is_valid:
-            is_valid = [is_valid[i] for i in keep]
+        files, labels = _keep(files, keep), _keep(labels, keep)
+        is_valid = _keep(is_valid, keep) if is_valid is not None else None
         missing = known - set(labels)
         if missing:
             raise ToolkitError(f"[{spec.name}] classes {sorted(missing)} have no images in {root}")
     if not files:
         raise ToolkitError(f"no image files in {root} (expected {root}/<class>/<image>)")
-    if spec.task == "hierarchical":  # labels become paths such as tops/shirt
-        from toolkit.hierarchy import check_paths, to_paths
+    return files, labels, is_valid
 
-        if spec.hierarchy:
-            labels = to_paths(labels, spec.hierarchy, f"[{spec.name}] hierarchy ({root})")
-        try:
-            check_paths(labels)
-        except ValueError as exc:
-            raise ToolkitError(f"[{spec.name}] {root}: {exc}") from None
 
+def load_dataset(spec: ClassifierSpec, data: Path | None = None, *, list_images: Lister = list_labelled_images,
+                 to_labels: Callable[[list[str], Path], list[str]] | None = None, progress: bool = True) -> Dataset:
+    """Find, verify and split the classifier's images; bad files are listed and left out. A task
+    kind lists its own images (`list_images`) and turns folder labels into its labels (`to_labels`)."""
+    root = find_data_dir(spec, data)
+    files, labels, is_valid = labelled_split(spec, root, list_images)
+    if to_labels is not None:
+        labels = to_labels(labels, root)
     good, bad = verify_images(files, progress=progress)
     good_set = set(good)
     keep = [i for i, f in enumerate(files) if f in good_set]
-    files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-    if is_valid:
-        is_valid = [is_valid[i] for i in keep]
-    else:
-        fraction = float(spec.split.split(":", 1)[1]) if spec.split.startswith("random:") else spec.valid_pct
-        if spec.split.startswith("group:"):
-            is_valid = _split_groups(files, spec.split.split(":", 1)[1], spec.valid_pct, spec.seed)
-        else:
-            is_valid = _split_random(len(files), fraction, spec.seed)
+    files, labels = _keep(files, keep), _keep(labels, keep)
+    is_valid = _keep(is_valid, keep) if is_valid is not None else spec.split_rule.assign(files, spec.valid_pct,
+                                                                                           spec.seed)
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise ToolkitError(f"[{spec.name}] needs at least 2 classes with images in {root}; found {classes}")
     dataset = Dataset(root, files, labels, is_valid, classes, bad)
-    leak = _leak_warning(files, is_valid)
+    leak = leak_warning(files, is_valid)
     if leak:
         dataset.warnings.append(leak)
     return dataset
+
+
+def balanced(items: list, key: Callable, n: int, seed: int) -> list:
+    """`n` items (seeded) spread evenly over the values of key(item)."""
+    rng = random.Random(seed)
+    by_key: dict = {}
+    for item in items:
+        by_key.setdefault(key(item), []).append(item)
+    for values in by_key.values():
+        rng.shuffle(values)
+    picked, round_ = [], 0
+    while len(picked) < n and any(round_ < len(v) for v in by_key.values()):
+        picked += [v[round_] for _, v in sorted(by_key.items(), key=lambda kv: str(kv[0])) if round_ < len(v)]
+        round_ += 1
+    return picked[:n]
 
 
 def count_by_class(labels: Sequence[str]) -> dict[str, int]:
@@ -196,19 +190,13 @@ def count_by_class(labels: Sequence[str]) -> dict[str, int]:
 # ---------------------------------------------------------------- decoding, once
 
 
-def load_resized(path: Path, size: int) -> np.ndarray:
-    """The image squished to size x size (uint8 HWC): what training and prediction both see."""
-    img = open_image(path, draft_size=size)
-    return np.asarray(img.resize((size, size), Image.BILINEAR))
-
-
 class DecodedCache:
     """Images decoded and resized once, kept in memory: each epoch then costs no JPEG decoding."""
 
     def __init__(self, files: Sequence[Path], size: int, *, progress: bool = True, threads: int = 2):
         self.size = size
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            arrays = pool.map(lambda p: load_resized(p, size), files)
+            arrays = pool.map(lambda p: load_squished(p, size), files)
             self.arrays = dict(zip(files, progress_iter(arrays, len(files), f"decoding at {size}px", progress)))
 
 
@@ -229,7 +217,7 @@ class CachedImage:
 
         cache = _CACHES.get(self.key)
         array = cache.arrays.get(path) if cache is not None else None
-        return PILImage.create(array if array is not None else load_resized(path, self.size))
+        return PILImage.create(array if array is not None else load_squished(path, self.size))
 
 
 class LabelOf:

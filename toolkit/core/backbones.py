@@ -143,6 +143,17 @@ def list_backbones() -> list[str]:
     return list(BACKBONES)
 
 
+def describe_backbones() -> tuple[list[dict], list[str]]:
+    """`toolkit backbones`: a row per backbone (weights here or not, and from where) and its text lines."""
+    rows = [{"name": b.name, "weights_available": b.weights_available(),
+             "weights": str(b.weights_path() or ""), "source": b.source} for b in BACKBONES.values()]
+    lines = [f"{'backbone':<20} {'weights here':<13} source"]
+    for row in rows:
+        lines.append(f"{row['name']:<20} {'yes' if row['weights_available'] else 'no':<13} {row['source']}")
+        lines += [] if row["weights_available"] else [f"{'':<34}(missing: {row['weights']})"]
+    return rows, lines
+
+
 def get_backbone(name: str) -> Backbone:
     if name not in BACKBONES:
         raise ToolkitError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
@@ -183,3 +194,46 @@ def body_head_split(model: nn.Sequential) -> list[list[nn.Parameter]]:
     early, late = _body_halves(model[0])
     params = [[p for m in group for p in m.parameters()] for group in (early, late)]
     return [*params, list(model[1].parameters())]
+
+
+# ---------------------------------------------------------------- the same networks without fastai
+
+
+class ConcatPool(torch.nn.Module):
+    """fastai's AdaptiveConcatPool2d: max and average pooling, concatenated (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.adaptive_max_pool2d(x, 1),
+                          torch.nn.functional.adaptive_avg_pool2d(x, 1)], 1)
+
+
+class FlattenBatch(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), -1)
+
+
+def inference_model(arch: str, n_out: int) -> torch.nn.Sequential:
+    """The same network as `backbones.create_model(arch, n_out, pretrained=False)`, with the same
+    state_dict keys, built without importing fastai (which costs a serving kernel seconds and
+    hundreds of MB): body + fastai's default head (concat pool, flatten, BN, dropout, linear 512,
+    ReLU, BN, dropout, linear), as laid out by fastai 2.8's `create_head`."""
+    nf = get_backbone(arch).n_features * 2
+    return torch.nn.Sequential(inference_body(arch), torch.nn.Sequential(ConcatPool(), FlattenBatch(),
+                                                                         *linear_head(nf, n_out)))
+
+
+def inference_body(arch: str) -> torch.nn.Module:
+    """The registry's body for `arch`, untrained, built without fastai (same state_dict keys)."""
+    if arch.startswith("resnet"):
+        import torchvision.models as tvm
+
+        return torch.nn.Sequential(*list(getattr(tvm, arch)(weights=None).children())[:-2])  # fastai's cut
+    return get_backbone(arch).create_body(False)
+
+
+def linear_head(n_in: int, n_out: int) -> list[torch.nn.Module]:
+    """fastai 2.8's `create_head` after pooling: BN, dropout, linear 512, ReLU, BN, dropout, linear."""
+    from torch import nn
+
+    return [nn.BatchNorm1d(n_in), nn.Dropout(0.25), nn.Linear(n_in, 512, bias=False), nn.ReLU(inplace=True),
+            nn.BatchNorm1d(512), nn.Dropout(0.5), nn.Linear(512, n_out, bias=False)]

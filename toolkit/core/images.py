@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -170,3 +170,33 @@ def perceptual_hash(img: Image.Image) -> str:
     import imagehash
 
     return str(imagehash.phash(img))
+
+
+# ---------------------------------------------------------------- pixels for a model
+
+
+def squish(img: Image.Image, size: int) -> np.ndarray:
+    """An RGB image squished to size x size (bilinear), uint8 HWC: what training and serving see."""
+    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def load_squished(path: Path, size: int) -> np.ndarray:
+    """An image file opened with `open_image` and squished to size x size (uint8 HWC)."""
+    return squish(open_image(path, draft_size=size), size)
+
+
+def to_batch(arrays: Sequence[np.ndarray], mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+             device: Any = None):
+    """uint8 HWC arrays -> one float tensor (N, 3, H, W) in 0..1, normalised when mean and std are
+    given: the one place pixels become model input."""
+    import torch
+
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    if device is not None:
+        batch = batch.to(device)
+    batch = batch / 255
+    if mean is not None and std is not None:
+        mean_t = torch.as_tensor(mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+        std_t = torch.as_tensor(std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+        batch = (batch - mean_t) / std_t
+    return batch

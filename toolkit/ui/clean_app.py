@@ -161,6 +161,9 @@ class CleanerWidget(W.VBox):
         self.undo_button = W.Button(description="undo last")
         self.undo_button.add_class("clean-undo")
         self.undo_button.on_click(lambda _b: self.undo())
+        self.undo_all_button = W.Button(description="undo all mine")
+        self.undo_all_button.add_class("clean-undo-all")
+        self.undo_all_button.on_click(lambda _b: self.undo_all())
         self.diff_button = W.Button(description="preview apply")
         self.diff_button.add_class("clean-dry-run")
         self.diff_button.on_click(lambda _b: self.preview())
@@ -177,7 +180,7 @@ class CleanerWidget(W.VBox):
             W.HBox([self.prev_button, self.page_label, self.next_button]),
             self.grid,
             W.HBox([self.bulk_keep, self.bulk_delete, self.bulk_relabel, self.bulk_relabel_to]),
-            W.HBox([self.undo_button, self.diff_button, self.apply_button]), self.summary,
+            W.HBox([self.undo_button, self.undo_all_button, self.diff_button, self.apply_button]), self.summary,
         ]
 
     # ------------------------------------------------------------ data
@@ -320,8 +323,16 @@ class CleanerWidget(W.VBox):
 
     @_safe
     def undo(self) -> None:
+        """Undo this widget's (this session's) last decision; other sessions' decisions stay."""
         undone = self.decisions.undo()
         self.status.value = f"undid {undone['action']} {html.escape(undone['file'])}" if undone else "nothing to undo"
+        self._refresh_tiles()
+
+    @_safe
+    def undo_all(self) -> None:
+        """Undo every decision of this widget's session."""
+        n = self.decisions.undo_all()
+        self.status.value = f"undid {n} decision(s) of this session"
         self._refresh_tiles()
 
     @_safe
@@ -335,6 +346,7 @@ class CleanerWidget(W.VBox):
         result = apply_decisions(self.raw, self.decisions)
         self.status.value = (f"<span class='clean-applied'>applied</span>: {result['kept']} images in "
                              f"{html.escape(result['folder'])} ({result['deleted']} deleted, "
-                             f"{result['relabelled']} relabelled)")
+                             f"{result['relabelled']} relabelled)"
+                             + "".join(f"<br>refused: {html.escape(line)}" for line in result["refused"]))
         self._refresh_tiles()
         return result

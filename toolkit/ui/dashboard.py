@@ -26,142 +26,60 @@ one line in the page, so the kernel survives any upload. Widgets carry stable CS
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
-import json
 import os
-import re
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
+import numpy as np
 from PIL import Image
 
+from toolkit.core.artifacts import META_FILE, read_json
 from toolkit.core.errors import ToolkitError
+from toolkit.core.html import MAX_UPLOAD_BYTES, THUMB, error_html, header_html, image_bytes, one_line, probability_bars
+from toolkit.core.html import shrunk as _shrunk
 from toolkit.core.images import MAX_PIXELS, open_image
-from toolkit.model_io import META_FILE, Predictor, load_predictor
+from toolkit.core.project import find_settings
 from toolkit.settings import ClassifierSpec, load_settings
+from toolkit.stages.feedback import save_feedback
+from toolkit.tasks import Task, cached_predictor, task_of
 
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file; bigger uploads get a one-line message
 MAX_FILES = 16  # per upload
-TOP_K = 5
-THUMB = 192  # thumbnail long side in pixels
 KEEP = 1024  # long side kept in memory for Grad-CAM and feedback
-SETTINGS_ENV = "TOOLKIT_SETTINGS"
 THREADS_ENV = "TOOLKIT_THREADS"  # torch threads per dashboard kernel (default 1, see docs/ARCHITECTURE.md)
 
-_PREDICTORS: dict[tuple[str, int], Predictor] = {}
 
-
-def get_predictor(folder: str | Path) -> Predictor:
-    """The predictor of models/NAME (`load_predictor`: a model or an ensemble), loaded once per
-    process (reloaded when model.json, written after the weights by every training, changes)."""
-    folder = Path(folder).resolve()
-    meta = folder / META_FILE
-    if not meta.is_file():
-        raise ToolkitError(f"no trained model in {folder}")
-    key = (str(folder), meta.stat().st_mtime_ns)
-    if key not in _PREDICTORS:
-        for old in [k for k in _PREDICTORS if k[0] == key[0]]:
-            del _PREDICTORS[old]
-        _PREDICTORS[key] = load_predictor(folder, device="cpu", optimize=True)
-    return _PREDICTORS[key]
+get_predictor = cached_predictor  # the per-process model cache (toolkit.tasks)
 
 
 def has_model(spec: ClassifierSpec) -> bool:
     return (spec.models_dir / META_FILE).is_file()
 
 
-def find_settings(settings: str | Path | None = None) -> Path:
-    """settings.ini: the argument, else $TOOLKIT_SETTINGS, else ../settings.ini (apps/ is in the
-    project root), else ./settings.ini."""
-    if settings:
-        return Path(settings)
-    if os.environ.get(SETTINGS_ENV):
-        return Path(os.environ[SETTINGS_ENV])
-    parent = Path.cwd().parent / "settings.ini"
-    return parent if parent.is_file() else Path("settings.ini")
 
 
-def _png(img: Image.Image, fmt: str = "JPEG") -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format=fmt, quality=90) if fmt == "JPEG" else img.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
-def _shrunk(img: Image.Image, side: int) -> Image.Image:
-    if max(img.size) <= side:
-        return img
-    copy = img.copy()
-    copy.thumbnail((side, side), Image.BILINEAR)
-    return copy
 
 
-def _safe_stem(name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).stem).strip("-.") or "image"
-    return stem[:60]
 
 
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, ToolkitError):
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _error_html(message: str) -> str:
-    return f'<div class="toolkit-error" style="color:#b00020">&#9888; {html.escape(message)}</div>'
-
-
-def header_html(spec: ClassifierSpec) -> str:
-    """The page's title and description from settings.ini."""
-    description = spec.description or ""
-    return (f"<h2 class='toolkit-title'>{html.escape(spec.display_title)}</h2>"
-            + (f"<p class='toolkit-description'>{html.escape(description)}</p>" if description else ""))
-
-
-def probability_bars(probs: dict[str, float], k: int = TOP_K) -> str:
-    """The top-k labels with percentage and a bar, as HTML (stable classes for tests)."""
-    rows = []
-    for rank, (label, p) in enumerate(sorted(probs.items(), key=lambda kv: -kv[1])[:k]):
-        weight = "bold" if rank == 0 else "normal"
-        rows.append(
-            f'<div class="toolkit-pred" style="display:flex;align-items:center;gap:6px;margin:2px 0">'
-            f'<span class="toolkit-label" style="width:11em;font-weight:{weight}">{html.escape(label)}</span>'
-            f'<span style="display:inline-block;width:160px;height:12px;background:#eee">'
-            f'<span style="display:block;width:{p * 100:.1f}%;height:12px;background:#3b7dd8"></span></span>'
-            f'<span class="toolkit-prob">{p:.1%}</span></div>'
-        )
-    return '<div class="toolkit-preds">' + "".join(rows) + "</div>"
-
-
-def model_card_html(spec: ClassifierSpec, meta: dict[str, Any]) -> str:
-    """Classes, backbone, image size, training date, validation and evaluation metrics."""
-
-    def read(path: Path) -> dict:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    metrics = read(spec.models_dir / "metrics.json")
-    evaluation = read(spec.models_dir / "evaluation" / "metrics.json")
-    rows = [
-        ("classes", ", ".join(meta.get("classes", []))),
-        ("backbone", f"{meta.get('arch', '?')}" + (" (ImageNet-pretrained)" if meta.get("pretrained") else "")),
-        ("image size", f"{meta.get('size', '?')} px, squished"),
-        ("trained", str(meta.get("created", "?")).replace("T", " ")),
-    ]
-    ensemble = meta.get("ensemble")
-    if ensemble:  # toolkit.ensemble: the members instead of one backbone and size
-        members = metrics.get("members", {})
-        rows[1:3] = [("ensemble", f"{len(ensemble['members'])} members, {ensemble['mode']}"),
-                     *((f"member {m['name']}", f"{m['arch']}, {m['size']} px"
-                        + (f", validation {members[m['name']]['accuracy']:.1%}" if m["name"] in members else ""))
-                       for m in ensemble["members"])]
+def model_card_html(spec: ClassifierSpec, meta: dict[str, Any], task: Task | None = None) -> str:
+    """Classes, backbone, image size, training date, validation and evaluation metrics, and the rows
+    the task kind adds (levels, ensemble members)."""
+    task = task or task_of(spec)
+    metrics = read_json(spec.models_dir / "metrics.json")
+    evaluation = read_json(spec.models_dir / "evaluation" / "metrics.json")
+    rows = [("classes", ", ".join(meta.get("classes", [])))]
+    if "arch" in meta:
+        rows += [("backbone", f"{meta['arch']}" + (" (ImageNet-pretrained)" if meta.get("pretrained") else "")),
+                 ("image size", f"{meta.get('size', '?')} px, squished")]
+    rows.append(("trained", str(meta.get("created", "?")).replace("T", " ")))
     data = meta.get("data", {})
     if data:
         rows.append(("training data", f"{data.get('n_train', '?')} train / {data.get('n_valid', '?')} valid images"))
@@ -170,9 +88,7 @@ def model_card_html(spec: ClassifierSpec, meta: dict[str, Any]) -> str:
         per_class = metrics.get("per_class", {})
         if per_class:
             rows.append(("per-class F1", ", ".join(f"{c} {v.get('f1', 0):.2f}" for c, v in per_class.items())))
-    if metrics.get("levels"):  # task = hierarchical
-        rows.append(("accuracy per level", ", ".join(f"{name} {m['accuracy']:.1%}"
-                                                     for name, m in metrics["levels"].items())))
+    rows += task.card_rows(meta, metrics)
     if "accuracy" in evaluation:
         rows.append(("evaluation accuracy", f"{evaluation['accuracy']:.1%} on {evaluation.get('n', '?')} images"))
     cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
@@ -186,14 +102,10 @@ class ImageResult:
     def __init__(self, board: ClassifierDashboard, name: str, img: Image.Image, probs: dict[str, float],
                  seconds: float, decode_seconds: float, note: str = ""):
         self.board, self.name, self.img, self.probs = board, name, img, probs
-        self.label = max(probs, key=probs.get)
-        path_line = ""
-        if hasattr(board.predictor, "path_of"):  # task = hierarchical: one consistent path, a probability per level
-            from toolkit.hierarchy import path_html
-
-            path = board.predictor.path_of(probs)
-            self.label, path_line = path[-1][0], path_html(path)
-        self.thumb = widgets.Image(value=_png(_shrunk(img, THUMB)), format="jpeg")
+        prediction = board.task.describe(board.classes, np.array([probs[c] for c in board.classes]))
+        self.label = prediction.label
+        path_line = board.task.prediction_html(prediction)  # e.g. a hierarchical path, a probability per level
+        self.thumb = widgets.Image(value=image_bytes(_shrunk(img, THUMB)), format="jpeg")
         self.thumb.add_class("toolkit-thumb")
         self.cam = widgets.Image(format="jpeg", layout=widgets.Layout(display="none"))
         self.cam.add_class("toolkit-cam")
@@ -220,10 +132,11 @@ class ImageResult:
 
     def show_cam(self, on: bool) -> None:
         if on and not self.cam_done:
-            from toolkit.explain import explain
+            from toolkit.stages.explain import explain
 
             members = len(getattr(self.board.predictor, "members", None) or [0])  # an ensemble: side by side
-            self.cam.value = _png(_shrunk(explain(self.board.predictor, _shrunk(self.img, 512)), THUMB * members))
+            heatmaps = explain(self.board.predictor, _shrunk(self.img, 512))
+            self.cam.value = image_bytes(_shrunk(heatmaps, THUMB * members))
             self.cam_done = True
         self.cam.layout.display = None if on else "none"
 
@@ -231,13 +144,7 @@ class ImageResult:
         label = (self.right.value or "").strip()
         if not label:
             raise ToolkitError("type or pick the right label first")
-        part = r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}"
-        if hasattr(self.board.predictor, "path_of"):  # task = hierarchical: a path, saved as nested folders
-            if not re.fullmatch(rf"{part}(/{part})*", label):
-                raise ToolkitError(f"label {label!r}: a path such as tops/shirt of letters, digits, spaces, '.', "
-                                   "'_' or '-'")
-        elif not re.fullmatch(part, label):
-            raise ToolkitError(f"label {label!r}: use letters, digits, spaces, '.', '_' or '-'")
+        label = self.board.task.check_feedback_label(label)  # a class name, or a path (hierarchical)
         path = self.board.save_feedback(self.img, label, self.name, self.probs)
         self.saved.value = f'<span class="toolkit-ok">saved as {html.escape(label)}: {html.escape(path.name)}</span>'
         return path
@@ -248,9 +155,10 @@ class ClassifierDashboard:
 
     def __init__(self, spec: ClassifierSpec | str, settings: str | Path | None = None):
         self.spec = spec if isinstance(spec, ClassifierSpec) else load_settings(find_settings(settings)).get(spec)
-        self.feedback_dir = self.spec.root / "feedback" / self.spec.name
+        self.feedback_dir = self.spec.feedback_dir
+        self.task = task_of(self.spec)
         self.results: list[ImageResult] = []
-        self.predictor: Predictor | None = None
+        self.predictor: Any = None
         self.classes: list[str] = []
         spec = self.spec
         self.header = widgets.HTML(header_html(spec))
@@ -272,11 +180,11 @@ class ClassifierDashboard:
             else:
                 self.predictor = get_predictor(spec.models_dir)
                 self.classes = list(self.predictor.classes)
-                self.card.value = model_card_html(spec, self.predictor.meta)
+                self.card.value = model_card_html(spec, self.predictor.meta, self.task)
         except Exception as exc:  # a broken model folder: say so, keep the page alive
             self.predictor = None
             self.upload.disabled = True
-            self.card.value = _error_html(f"cannot load the model: {_one_line(exc)}")
+            self.card.value = error_html(f"cannot load the model: {one_line(exc)}")
         self.upload.observe(self._on_upload, names="value")
         self.cam_toggle.observe(self._on_toggle, names="value")
         controls = widgets.HBox([self.upload, self.cam_toggle])
@@ -302,7 +210,7 @@ class ClassifierDashboard:
             where.value = ""
             return action()
         except Exception as exc:
-            where.value = _error_html(_one_line(exc))
+            where.value = error_html(one_line(exc))
             return None
 
     def _on_upload(self, change) -> None:
@@ -332,17 +240,17 @@ class ClassifierDashboard:
         boxes: list[widgets.Widget] = []
         self.results = []
         if len(files) > MAX_FILES:
-            boxes.append(widgets.HTML(_error_html(f"{len(files)} files: only the first {MAX_FILES} are shown")))
+            boxes.append(widgets.HTML(error_html(f"{len(files)} files: only the first {MAX_FILES} are shown")))
             files = files[:MAX_FILES]
         for item in files:
             name = str(item.get("name") or "upload")
             try:
                 result = self.predict_upload(name, item.get("content", b""))
             except Exception as exc:
-                message = _one_line(exc)
+                message = one_line(exc)
                 if not message.startswith(name):
                     message = f"{name}: {message}"
-                boxes.append(widgets.HTML(_error_html(message)))
+                boxes.append(widgets.HTML(error_html(message)))
                 continue
             self.results.append(result)
             boxes.append(result.box)
@@ -372,33 +280,17 @@ class ClassifierDashboard:
 
     def save_feedback(self, img: Image.Image, label: str, original_name: str,
                       probs: dict[str, float] | None = None) -> Path:
-        """Write feedback/NAME/<label>/<timestamp>_<stem>.jpg and a feedback.jsonl line."""
-        now = datetime.now(timezone.utc)
-        folder = self.feedback_dir / label
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}_{_safe_stem(original_name)}"
-        path = folder / f"{stem}.jpg"
-        counter = 1
-        while path.exists():
-            path = folder / f"{stem}-{counter}.jpg"
-            counter += 1
-        data = _png(img.convert("RGB"), "JPEG")
-        path.write_bytes(data)
-        predicted = max(probs, key=probs.get) if probs else None
-        line = {"time": now.isoformat(timespec="seconds"), "file": str(path.relative_to(self.feedback_dir)),
-                "label": label, "predicted": predicted,
-                "probability": round(probs[predicted], 5) if predicted else None,
-                "probs": {k: round(v, 5) for k, v in (probs or {}).items()},
-                "original_name": original_name, "sha256": hashlib.sha256(data).hexdigest(),
-                "model_created": (self.predictor.meta.get("created") if self.predictor else None)}
-        with open(self.feedback_dir / "feedback.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
-        return path
+        """Write feedback/NAME/<label>/<timestamp>_<stem>.jpg and a feedback.jsonl line
+        (`toolkit.stages.feedback.save_feedback`: checked label, atomic writes, quota)."""
+        label = self.task.check_feedback_label(label)  # a class name, or a path (hierarchical)
+        return save_feedback(self.feedback_dir, img, label, original_name, probs,
+                             self.predictor.meta.get("created") if self.predictor else None,
+                             hierarchical="/" in label)
 
 
 def dashboard(name: str, settings: str | Path | None = None) -> ClassifierDashboard | widgets.HTML:
-    """What an app notebook shows: the dashboard (a `pairs_dashboard.PairDashboard` for
-    task = pairs), or one line saying what is wrong.
+    """What an app notebook shows: the task kind's own dashboard where it has one (task = pairs:
+    two uploads), else the classifier dashboard; or one line saying what is wrong.
 
     Sets this kernel's torch threads to $TOOLKIT_THREADS (default 1): Voila runs one kernel per
     page, and on a small CPU several multi-threaded kernels oversubscribe the cores (measured on
@@ -412,13 +304,9 @@ def dashboard(name: str, settings: str | Path | None = None) -> ClassifierDashbo
         pass
     try:
         spec = load_settings(find_settings(settings)).get(name)
-        if spec.task == "pairs":
-            from toolkit.ui.pairs_dashboard import PairDashboard
-
-            return PairDashboard(spec)
-        return ClassifierDashboard(spec)
+        return task_of(spec).make_dashboard(spec) or ClassifierDashboard(spec)
     except Exception as exc:
-        box = widgets.HTML(_error_html(_one_line(exc)))
+        box = widgets.HTML(error_html(one_line(exc)))
         box.add_class("toolkit-dashboard")
         return box
 

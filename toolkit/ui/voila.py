@@ -4,10 +4,16 @@ Facts this follows (measured, see the project's notes): `--Voila.port_retries=0`
 to another port silently; readiness is the `running at` log line plus a TCP connect (a page GET
 would start a kernel); output goes to a file (an unread pipe can block); Voilà stops its kernels
 on SIGTERM, and a killpg of its own session cleans up whatever is left.
+
+Voilà's lifetime is tied to the process that launched it: on Linux the child asks the kernel for
+SIGTERM when its parent dies (`prctl(PR_SET_PDEATHSIG)`), so a `kill -9` of `toolkit serve` or
+`toolkit clean`, or a service manager's TERM then KILL, still stops Voilà, and its kernels follow
+(ipykernel exits when its parent, Voilà, is gone).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -35,6 +41,27 @@ def _connects(host: str, port: int) -> bool:
         return False
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> object | None:
+    """A preexec_fn for Popen: SIGTERM this child when the launching process dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+    except OSError:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 def voila_command(path: str | Path, port: int, host: str = "127.0.0.1",
                   extra_args: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "voila", str(path), "--no-browser", f"--port={port}", f"--Voila.ip={host}",
@@ -55,7 +82,8 @@ def launch_voila(path: str | Path, port: int, host: str = "127.0.0.1", env: dict
                  timeout: float = 120, cwd: str | Path | None = None) -> subprocess.Popen:
     """Start Voilà on a notebook or folder and return once it accepts connections.
 
-    The process runs in its own session (`stop_voila` can kill the whole group); its output goes
+    The process runs in its own session (`stop_voila` can kill the whole group) and gets SIGTERM
+    when this process dies (Linux: PR_SET_PDEATHSIG); its output goes
     to `log_path` (default: a temporary file), which is `proc.log_path`. Raises ToolkitError
     with the log's last lines when Voilà exits or is not ready within `timeout` seconds.
     """
@@ -67,17 +95,22 @@ def launch_voila(path: str | Path, port: int, host: str = "127.0.0.1", env: dict
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(voila_command(path, port, host, extra_args), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
+                                preexec_fn=_die_with_parent())
     proc.log_path = log_path  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ToolkitError(f"Voilà exited with code {proc.returncode} before it was ready: {_tail(log_path)}")
-        text = log_path.read_text(errors="replace")
-        if "running at" in text and f":{port}/" in text and _connects(connect_host, port):
-            return proc
-        time.sleep(0.2)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ToolkitError(f"Voilà exited with code {proc.returncode} before it was ready: {_tail(log_path)}")
+            text = log_path.read_text(errors="replace")
+            if "running at" in text and f":{port}/" in text and _connects(connect_host, port):
+                return proc
+            time.sleep(0.2)
+    except BaseException:  # Ctrl-C or SIGTERM while Voilà starts: stop it before going on
+        stop_voila(proc, grace=5)
+        raise
     stop_voila(proc)
     raise ToolkitError(f"Voilà was not ready on port {port} within {timeout:.0f} s: {_tail(log_path)}")
 

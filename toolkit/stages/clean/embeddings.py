@@ -1,6 +1,6 @@
 """Pretrained-backbone embeddings, batched, cached on disk by file sha256 + backbone + size.
 
-Inputs are prepared exactly like training: `load_resized` (squish to size x size) and the
+Inputs are prepared exactly like training: `load_squished` (squish to size x size) and the
 backbone's mean/std. Features are the body's output, global-average pooled.
 """
 
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.core.images import perceptual_hash, sha256_file
-from toolkit.data import load_resized
+from toolkit.core.images import load_squished, perceptual_hash, sha256_file
 
 DEFAULT_SIZE = 128
 
@@ -59,7 +58,7 @@ def _decode(path: Path, size: int) -> tuple[np.ndarray | None, str]:
     from PIL import Image
 
     try:
-        array = load_resized(path, size)
+        array = load_squished(path, size)
     except Exception:
         return None, ""
     return array, perceptual_hash(Image.fromarray(array))

@@ -15,6 +15,7 @@ Files are named by their path relative to the raw root (scrape/NAME or the `data
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.core.errors import ToolkitError
+from toolkit.core.config import ClassifierSpec
 from toolkit.core.images import verify_images
-from toolkit.data import VALID_FOLDER_NAMES, _split_groups, _split_random, list_labelled_images
-from toolkit.settings import ClassifierSpec
+from toolkit.data import find_data_dir, labelled_split
 from toolkit.stages.clean.embeddings import DEFAULT_SIZE, compute_embeddings
+from toolkit.tasks import load_predictor, task_of, task_of_meta
 
 OK_STATUSES = {"ok", "downloaded", "kept", "ingested", "saved"}
 
@@ -57,11 +58,7 @@ def relname(root: Path, path: Path) -> str:
 
 def raw_root(spec: ClassifierSpec, data: Path | None = None) -> Path:
     """--data, else the `data` key, else scrape/NAME (never cleaned_data: that is derived)."""
-    root = Path(data).resolve() if data else (spec.data_dir or spec.scrape_dir)
-    if not root.is_dir():
-        raise ToolkitError(f"no raw images for [{spec.name}] in {root}: run `toolkit scrape {spec.name}` "
-                           "or pass --data DIR")
-    return root
+    return find_data_dir(spec, data, raw=True, accept=Path.is_dir)
 
 
 def read_manifest(root: Path) -> list[dict[str, Any]]:
@@ -81,21 +78,10 @@ def read_manifest(root: Path) -> list[dict[str, Any]]:
 
 def list_raw_images(spec: ClassifierSpec, data: Path | None = None, *, verify: bool = True) -> RawImages:
     """Labelled raw images and their split; undecodable files go to `broken`, with the reason."""
+    task_of(spec).require("clean", spec.name, "clean")
     root = raw_root(spec, data)
-    valid_dir = next((root / n for n in VALID_FOLDER_NAMES if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and valid_dir is not None:
-        tf, tl = list_labelled_images(root / "train")
-        vf, vl = list_labelled_images(valid_dir)
-        files, labels, is_valid = tf + vf, tl + vl, [False] * len(tf) + [True] * len(vf)
-    else:
-        files, labels = list_labelled_images(root)
-        is_valid = []
-    if spec.classes:
-        keep = [i for i, y in enumerate(labels) if y in set(spec.classes)]
-        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-        is_valid = [is_valid[i] for i in keep] if is_valid else []
-    if not files:
-        raise ToolkitError(f"no image files in {root} (expected {root}/<class>/<image>)")
+    files, labels, split = labelled_split(spec, root)
+    is_valid = split or []
     broken: list[dict[str, str]] = []
     if verify:
         _, bad = verify_images(files)
@@ -105,11 +91,7 @@ def list_raw_images(spec: ClassifierSpec, data: Path | None = None, *, verify: b
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         is_valid = [is_valid[i] for i in keep] if is_valid else []
     if not is_valid:
-        if spec.split.startswith("group:"):
-            is_valid = _split_groups(files, spec.split.split(":", 1)[1], spec.valid_pct, spec.seed)
-        else:
-            fraction = float(spec.split.split(":", 1)[1]) if spec.split.startswith("random:") else spec.valid_pct
-            is_valid = _split_random(len(files), fraction, spec.seed)
+        is_valid = spec.split_rule.assign(files, spec.valid_pct, spec.seed)
     known = {b["file"] for b in broken}
     for row in read_manifest(root):
         status = str(row.get("status", "ok")).lower()
@@ -122,46 +104,99 @@ def list_raw_images(spec: ClassifierSpec, data: Path | None = None, *, verify: b
 # ---------------------------------------------------------------- out-of-fold label issues
 
 
+MIN_PER_CLASS = 2  # a class needs two images for out-of-fold scoring (one to learn from, one to score)
+
+
+def scorable_classes(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Indices of the classes with at least MIN_PER_CLASS images, when two or more such classes exist."""
+    counts = np.bincount(labels, minlength=n_classes)
+    ok = np.flatnonzero(counts >= MIN_PER_CLASS)
+    return ok if len(ok) >= 2 else np.array([], dtype=int)
+
+
 def out_of_fold_probs(emb: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5,
-                      seed: int = 0, C: float = 1.0) -> np.ndarray:
-    """Out-of-fold predicted probabilities from k logistic-regression heads (stratified folds)."""
+                      seed: int = 0, C: float = 1.0, *, warnings: list[str] | None = None,
+                      class_names: Sequence[str] | None = None) -> np.ndarray:
+    """Out-of-fold predicted probabilities from k logistic-regression heads (stratified folds).
+
+    k drops to the smallest class's size (at least 2). Classes with fewer than MIN_PER_CLASS images
+    take no part in the folds: their images are predicted by a head fitted on the other classes (they
+    are out-of-sample too), and a line saying so goes to `warnings`. With fewer than two classes
+    left, the probabilities are uniform and label issues are not scored."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from threadpoolctl import threadpool_limits
 
+    names = list(class_names) if class_names is not None else [str(c) for c in range(n_classes)]
     counts = np.bincount(labels, minlength=n_classes)
-    k = int(max(2, min(folds, counts[counts > 0].min())))
-    probs = np.zeros((len(labels), n_classes), dtype=np.float64)
+    probs = np.full((len(labels), n_classes), 1.0 / max(1, n_classes), dtype=np.float64)
+    ok = scorable_classes(labels, n_classes)
+    small = [c for c in range(n_classes) if 0 < counts[c] < MIN_PER_CLASS]
+    if len(ok) < 2:
+        if warnings is not None:
+            warnings.append(f"label issues not scored: out-of-fold scoring needs two classes with at least "
+                            f"{MIN_PER_CLASS} images each (image counts: "
+                            + ", ".join(f"{names[c]} {counts[c]}" for c in range(n_classes)) + ")")
+        return probs
+    if small and warnings is not None:
+        warnings.append(f"label issues not scored for {len(small)} class(es) with fewer than {MIN_PER_CLASS} "
+                        "images: " + ", ".join(f"{names[c]} ({counts[c]})" for c in small)
+                        + "; add images to score them")
+    inside = np.isin(labels, ok)
+    idx = np.flatnonzero(inside)
+    k = int(max(2, min(folds, counts[ok].min())))
+    probs[idx] = 0.0
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     # one BLAS thread: these fits are small, and multi-threaded BLAS on a busy 2-core machine spins
     # (measured: 61 s with the default threads vs 0.5 s with one, 1,000 images x 1,280 features)
     with threadpool_limits(1):
-        for train_idx, test_idx in splitter.split(emb, labels):
+        for train_idx, test_idx in splitter.split(emb[idx], labels[idx]):
             head = LogisticRegression(C=C, max_iter=300)
-            head.fit(emb[train_idx], labels[train_idx])
-            probs[np.ix_(test_idx, head.classes_)] = head.predict_proba(emb[test_idx])
+            head.fit(emb[idx[train_idx]], labels[idx[train_idx]])
+            probs[np.ix_(idx[test_idx], head.classes_)] = head.predict_proba(emb[idx[test_idx]])
+        rest = np.flatnonzero(~inside)
+        if len(rest):
+            head = LogisticRegression(C=C, max_iter=300)
+            head.fit(emb[idx], labels[idx])
+            probs[rest] = 0.0
+            probs[np.ix_(rest, head.classes_)] = head.predict_proba(emb[rest])
     probs = np.clip(probs, 1e-6, None)
     return probs / probs.sum(axis=1, keepdims=True)
 
 
 def label_issue_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[str], probs: np.ndarray,
                       splits: Sequence[str]) -> list[dict[str, Any]]:
-    """Every image with given, predicted, prob, score (label quality: low = suspicious), most suspicious first."""
+    """Every image with given, predicted, prob, score (label quality: low = suspicious), most suspicious
+    first; images of classes too small to score come last with `scored` false and no issue."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
     y = np.array([classes.index(c) for c in labels])
-    scores = get_label_quality_scores(y, probs, method="self_confidence")
-    try:
-        flagged = find_label_issues(y, probs, filter_by="prune_by_noise_rate")
-    except Exception:  # tiny or degenerate sets: fall back to "the prediction disagrees"
-        flagged = probs.argmax(1) != y
+    ok = scorable_classes(y, len(classes))
+    inside = np.isin(y, ok)
+    scores = probs[np.arange(len(y)), y].astype(np.float64)
+    flagged = np.zeros(len(y), dtype=bool)
+    if inside.any():
+        remap = {c: i for i, c in enumerate(ok)}
+        y_sub = np.array([remap[c] for c in y[inside]])
+        p_sub = probs[inside][:, ok]
+        p_sub = p_sub / p_sub.sum(axis=1, keepdims=True)
+        try:
+            scores[inside] = get_label_quality_scores(y_sub, p_sub, method="self_confidence")
+        except Exception:  # noqa: BLE001 - keep the plain given-class probability
+            pass
+        try:
+            flagged[inside] = find_label_issues(y_sub, p_sub, filter_by="prune_by_noise_rate")
+        except Exception:  # tiny or degenerate sets: fall back to "the prediction disagrees"
+            flagged[inside] = p_sub.argmax(1) != y_sub
+    order = sorted(range(len(y)), key=lambda i: (not inside[i], scores[i]))
     rows = []
-    for i in np.argsort(scores, kind="stable"):
+    for i in order:
         pred = int(probs[i].argmax())
         rows.append({"file": rel[i], "given": labels[i], "predicted": classes[pred],
                      "prob": round(float(probs[i, pred]), 5), "given_prob": round(float(probs[i, y[i]]), 5),
-                     "score": round(float(scores[i]), 5), "issue": bool(flagged[i]), "split": splits[i]})
+                     "score": round(float(scores[i]), 5), "issue": bool(flagged[i]), "split": splits[i],
+                     "scored": bool(inside[i])})
     return rows
 
 
@@ -248,7 +283,7 @@ def outlier_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[s
     sims = emb @ emb.T
     np.fill_diagonal(sims, -np.inf)
     kk = max(1, min(k, n - 1))
-    knn = 1 - np.sort(sims, axis=1)[:, -kk:].mean(axis=1)
+    knn = 1 - np.sort(sims, axis=1)[:, -kk:].mean(axis=1) if n > 1 else np.zeros(n)
     y = np.array([classes.index(c) for c in labels])
     centroids = np.stack([emb[y == c].mean(0) if (y == c).any() else np.zeros(emb.shape[1])
                           for c in range(len(classes))])
@@ -272,14 +307,14 @@ def outlier_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[s
 
 def top_losses(spec: ClassifierSpec, raw: RawImages, *, model_dir: Path | None = None) -> list[dict[str, Any]]:
     """In-sample losses of the trained model (models/NAME), highest first; [] when there is no model."""
+    from toolkit.core.artifacts import META_FILE
     from toolkit.core.images import open_image
-    from toolkit.model_io import META_FILE, load_predictor
 
     folder = Path(model_dir) if model_dir else spec.models_dir
     if not (folder / META_FILE).is_file():
         return []
     predictor = load_predictor(folder, device="cpu")  # a model or an ensemble
-    paths = predictor.meta.get("hierarchy") or {}  # task = hierarchical: class folder -> leaf path
+    paths = task_of_meta(predictor.meta).folder_classes(predictor.meta)  # class folder -> model class
     folder_of = {path: name for name, path in paths.items()}
     idx = [i for i, y in enumerate(raw.labels) if paths.get(y, y) in predictor.classes]
     rows = []
@@ -312,6 +347,7 @@ class Rankings:
     broken: list[dict[str, str]]
     top_losses: list[dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The CLI's --json object: files relative to the raw root."""
@@ -343,7 +379,9 @@ def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_
     times["embeddings"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     y = np.array([raw.classes.index(c) for c in raw.labels])
-    probs = out_of_fold_probs(emb, y, len(raw.classes), folds=folds, seed=spec.seed)
+    warnings: list[str] = []
+    probs = out_of_fold_probs(emb, y, len(raw.classes), folds=folds, seed=spec.seed, warnings=warnings,
+                              class_names=raw.classes)
     issues = label_issue_table(rel, raw.labels, raw.classes, probs, splits)
     times["label_issues"] = time.perf_counter() - t0
     from threadpoolctl import threadpool_limits
@@ -358,7 +396,7 @@ def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_
     t0 = time.perf_counter()
     losses = top_losses(spec, raw) if with_model else []
     times["top_losses"] = time.perf_counter() - t0
-    return Rankings(raw.root, raw.classes, issues, dups, outs, raw.broken, losses, times)
+    return Rankings(raw.root, raw.classes, issues, dups, outs, raw.broken, losses, times, warnings)
 
 
 def write_report(rankings: Rankings, folder: Path) -> dict[str, Path]:
@@ -375,17 +413,21 @@ def write_report(rankings: Rankings, folder: Path) -> dict[str, Path]:
                              for f, lab, s in zip(d["files"], d["labels"], d["splits"], strict=False)]}
     for name, rows in tables.items():
         path = folder / f"report-{name}.csv"
-        with open(path, "w", newline="", encoding="utf-8") as handle:
+        tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
             if rows:
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
+        os.replace(tmp, path)  # a reader (or a crash) sees the old report or the new one
         written[name] = path
     full = {**rankings.summary(), "all": {k: v for k, v in tables.items() if k != "duplicates"},
             "duplicate_groups": rankings.duplicates, "root": str(rankings.root), "classes": rankings.classes,
-            "seconds": {k: round(v, 2) for k, v in rankings.seconds.items()}}
+            "seconds": {k: round(v, 2) for k, v in rankings.seconds.items()}, "warnings": rankings.warnings}
     path = folder / "report.json"
-    path.write_text(json.dumps(full, indent=1) + "\n")
+    tmp = folder / f".report.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(full, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
     written["json"] = path
     return written
 

@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -239,21 +239,9 @@ def _progress(total: int, comment: str, enabled: bool):
 
 
 def per_class_written(spec: Any, settings_path: Path | None = None) -> bool:
-    """Whether settings.ini sets per_class for the section (or in [DEFAULT]): a quota the user chose.
-
-    Reads settings_path (default: settings.ini beside the section's root); when that file has no
-    such section, a per_class other than the built-in default counts as chosen."""
-    from toolkit.settings import ClassifierSpec, read_config
-
-    path = Path(settings_path) if settings_path else Path(spec.root) / "settings.ini"
-    try:
-        config = read_config(path)
-        if config.has_section(spec.name):
-            return config.has_option(spec.name, "per_class")
-    except (ToolkitError, OSError, ValueError):  # an unreadable file: the value decides
-        pass
-    default = next(f.default for f in fields(ClassifierSpec) if f.name == "per_class")
-    return spec.per_class != default
+    """Whether settings.ini sets per_class for the section (or in [DEFAULT]): a quota the user chose
+    (`ClassifierSpec.explicit` holds the keys the file sets)."""
+    return "per_class" in spec.explicit
 
 
 def _checked_classes(spec: Any, classes: list[str] | None, available: list[str]) -> list[str]:
@@ -523,8 +511,10 @@ def add_class_to_settings(settings_path: Path, section: str, cls: str, existing:
     already listed. Without a `classes` key one is added holding `existing` (the classes found so
     far) and the new one.
     """
+    from toolkit.core.config import parse_list as _parse_list
+    from toolkit.core.config import read_config
     from toolkit.core.names import check_unique
-    from toolkit.settings import _parse_list, read_config, set_keys
+    from toolkit.settings import set_keys
 
     if "," in str(cls):
         raise ScrapeError(f"--add-class {cls.strip()!r}: a class name must be non-empty and hold no comma")

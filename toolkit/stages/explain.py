@@ -5,7 +5,7 @@ Works for every backbone of the registry because every model is `nn.Sequential(b
 The heatmap is the ReLU of the feature maps weighted by the spatially averaged gradients of the
 target class's logit, resized to the image and scaled to 0..1 (Selvaraju et al., 2017).
 
-An ensemble (`toolkit.ensemble.EnsemblePredictor`) is explained member by member, every member
+An ensemble (`toolkit.tasks.ensemble.EnsemblePredictor`) is explained member by member, every member
 for the same target (by default the ensemble's predicted class): `explain` puts the members'
 overlays side by side, `explanation_png` (behind `toolkit explain NAME FILE`) draws the image and
 one titled overlay per member.
@@ -20,8 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from toolkit.core.artifacts import META_FILE
+from toolkit.core.config import ClassifierSpec
 from toolkit.core.errors import ToolkitError
-from toolkit.model_io import Predictor
+from toolkit.core.images import open_image, squish
+from toolkit.predict import ImagePredictor as Predictor
+from toolkit.tasks import load_predictor, task_of_meta
 
 
 def gradcam(predictor: Predictor, img: Image.Image, target: int | str | None = None) -> np.ndarray:
@@ -36,8 +40,7 @@ def gradcam(predictor: Predictor, img: Image.Image, target: int | str | None = N
         if target not in predictor.classes:
             raise ValueError(f"{target!r} is not a class of this model ({', '.join(predictor.classes)})")
         target = predictor.classes.index(target)
-    x = predictor.preprocess(img).unsqueeze(0).to(predictor.device)
-    x = (x - predictor.mean) / predictor.std
+    x = predictor.normalised([squish(img, predictor.size)])
     with torch.enable_grad():
         x = x.clone().requires_grad_(True)
         features = body(x)
@@ -154,3 +157,17 @@ def explanation_png(predictor: Any, img: Image.Image, path: Path, target: int | 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def explain_file(spec: ClassifierSpec, file: Path, *, target: str | None = None,
+                 out: Path | None = None) -> tuple[Path, Any]:
+    """`toolkit explain NAME FILE`: Grad-CAM of FILE as a PNG (default models/NAME/explanations/STEM.png);
+    returns the PNG's path and the prediction. A task kind without explanations refuses in one line."""
+    predictor = load_predictor(spec.models_dir)
+    task_of_meta(predictor.meta, str(spec.models_dir / META_FILE)).require("explain", spec.name, "explain")
+    out = Path(out) if out else spec.models_dir / "explanations" / f"{Path(file).stem}.png"
+    if out.suffix.lower() != ".png":
+        raise ToolkitError(f"--out {out}: give a .png file name")
+    img = open_image(file, name=str(file))
+    explanation_png(predictor, img, out, target=target)
+    return out, predictor.predict(img)

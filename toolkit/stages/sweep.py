@@ -20,25 +20,29 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from toolkit.core.config import TRAINING_KEYS, ClassifierSpec
 from toolkit.core.errors import ToolkitError
-from toolkit.settings import KEYS, ClassifierSpec, set_keys
+from toolkit.settings import keys, set_keys
+from toolkit.stages.train import train
+from toolkit.tasks import task_of
 
 # keys that change how a model trains; the others (scraping, titles, the validation split) would
 # make the runs incomparable or do nothing
-SWEEP_KEYS = ("arch", "pretrained", "size", "epochs", "freeze_epochs", "bs", "lr", "lr_find_iters", "lr_mult", "seed")
+SWEEP_KEYS = TRAINING_KEYS
 CSV_NAME, TABLE_NAME, PLOT_NAME = "sweep.csv", "sweep.md", "sweep.png"
 
 
 def parse_grid(grid: str) -> dict[str, list[tuple[str, Any]]]:
-    """'lr=1e-3,3e-3 size=96' -> {key: [(as written, parsed), ...]}, each value through its KEYS parser."""
+    """'lr=1e-3,3e-3 size=96' -> {key: [(as written, parsed), ...]}, each value through its key's parser."""
+    known = keys()
     parsed: dict[str, list[tuple[str, Any]]] = {}
     for item in grid.split():
         key, sep, values = item.partition("=")
         if not sep or not key:
             raise ToolkitError(f"--grid item {item!r}: write KEY=VALUE,VALUE (e.g. lr=1e-3,3e-3 size=96,128)")
-        if key not in KEYS or key not in SWEEP_KEYS:
-            known = "a settings key" if key in KEYS else "not a settings key"
-            raise ToolkitError(f"--grid key {key!r} is {known} a sweep can vary; use: {', '.join(SWEEP_KEYS)}")
+        if key not in SWEEP_KEYS:
+            what = "a settings key" if key in known else "not a settings key"
+            raise ToolkitError(f"--grid key {key!r} is {what} a sweep can vary; use: {', '.join(SWEEP_KEYS)}")
         if key in parsed:
             raise ToolkitError(f"--grid key {key!r} is given twice; list its values once: {key}=A,B")
         raws = [v.strip() for v in values.split(",") if v.strip()]
@@ -47,7 +51,7 @@ def parse_grid(grid: str) -> dict[str, list[tuple[str, Any]]]:
         parsed[key] = []
         for raw in raws:
             try:
-                parsed[key].append((raw, KEYS[key][0](raw)))
+                parsed[key].append((raw, known[key].parse(raw)))
             except ValueError as exc:
                 raise ToolkitError(f"--grid {key}={raw}: {exc}") from None
     if not parsed:
@@ -161,8 +165,7 @@ def sweep(spec: ClassifierSpec, grid: str | dict, data: Path | None = None, *, p
     from fastai.callback.tensorboard import TensorBoardCallback
     from torch.utils.tensorboard import SummaryWriter
 
-    from toolkit.train import train
-
+    task_of(spec).require("sweep", spec.name)
     grid = parse_grid(grid) if isinstance(grid, str) else grid
     folder = spec.models_dir / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
@@ -186,7 +189,8 @@ def sweep(spec: ClassifierSpec, grid: str | dict, data: Path | None = None, *, p
                                {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
         row = {"combo": name, "params": " ".join(f"{k}={raw}" for k, (raw, _) in combo.items()),
                **{key: raw for key, (raw, _) in combo.items()}, **final,
-               "lr_used": f"{metrics['lr']:.3g}", "fit_seconds": metrics["fit_seconds"],
+               "lr_used": f"{metrics['lr']:.3g}" if metrics.get("lr") else "",
+               "fit_seconds": metrics.get("fit_seconds", metrics.get("wall_seconds", "")),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         rows = record(folder, row)
         log(f"  -> accuracy {metrics['accuracy']:.2%}")

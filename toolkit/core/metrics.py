@@ -1,7 +1,8 @@
-"""Honest evaluation: accuracy, per-class precision/recall/F1, confusion matrix, per-group results.
+"""Figures and plots: accuracy, per-class precision/recall/F1, confusion matrix, per-group results.
 
 `metrics_from_probs` is the one place figures are computed, whether the probabilities come from
-a Learner's validation set (at train time) or from the pickle-free predictor on a folder.
+a Learner's validation set (at train time) or from the pickle-free predictor on a folder; tasks
+add their own figures on top (levels, members, kinds of pair).
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.core.errors import ToolkitError
-from toolkit.core.images import verify_images
-from toolkit.core.progress import progress_iter
-from toolkit.data import list_labelled_images
-from toolkit.model_io import Predictor
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, never a window)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def confusion(true_idx: np.ndarray, pred_idx: np.ndarray, n: int) -> np.ndarray:
@@ -72,11 +79,7 @@ def metrics_from_probs(probs: np.ndarray, labels: Sequence[str], classes: Sequen
 
 
 def plot_confusion(metrics: dict, path: Path, title: str = "Confusion matrix") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     matrix = np.array(metrics["confusion"])
     classes = metrics["classes"]
     side = max(4.0, 0.6 * len(classes) + 2)
@@ -97,68 +100,6 @@ def plot_confusion(metrics: dict, path: Path, title: str = "Confusion matrix") -
     return path
 
 
-def predict_files(predictor: Predictor, files: Sequence[Path], *, tta: bool = False, bs: int = 64,
-                  progress: bool = True) -> np.ndarray:
-    """(N, classes) probabilities of image files, in batches, preprocessed as validation is."""
-    import torch
-
-    from toolkit.data import load_resized
-
-    out = [np.zeros((0, len(predictor.classes)), dtype=np.float32)]
-    for start in progress_iter(range(0, len(files), bs), label="evaluating", enabled=progress):
-        arrays = [load_resized(f, predictor.size) for f in files[start : start + bs]]
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-        out.append(predictor.predict_tensors(batch, tta=tta))
-    return np.concatenate(out)
-
-
-def evaluate_folder(predictor: Predictor, folder: Path, *, tta: bool = False, group: str = "",
-                    bs: int = 64, progress: bool = True) -> dict:
-    """Predict every image of folder/<class>/ and score it; bad files are listed, not fatal.
-    For an ensemble the result also holds `members`: {member: metrics} and `ensemble_mode`."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ToolkitError(f"evaluation folder {folder} not found")
-    hierarchical = predictor.meta.get("task") == "hierarchical"
-    if hierarchical:
-        from toolkit.hierarchy import list_paths
-
-        files, labels = list_paths(folder, predictor.meta.get("hierarchy"))
-    else:
-        files, labels = list_labelled_images(folder)
-    if not files:
-        raise ToolkitError(f"no images in {folder} (expected {folder}/<class>/<image>)")
-    unknown = sorted(set(labels) - set(predictor.classes))
-    if unknown:
-        raise ToolkitError(f"{folder} has class folders {unknown} that the model does not know "
-                           f"(its classes: {', '.join(predictor.classes)})")
-    good, bad = verify_images(files, progress=progress)
-    good_set = set(good)
-    labels = [y for f, y in zip(files, labels) if f in good_set]
-    files = good
-    members = getattr(predictor, "members", None)
-    if members:  # an ensemble (toolkit.ensemble): every member is scored, then the combination
-        member_probs = {name: predict_files(member, files, tta=tta, bs=bs, progress=progress)
-                        for name, member in members.items()}
-        probs = predictor.combine(member_probs)
-    else:
-        probs = predict_files(predictor, files, tta=tta, bs=bs, progress=progress)
-    if hierarchical:
-        from toolkit.hierarchy import hierarchical_metrics
-
-        metrics = hierarchical_metrics(probs, labels, predictor.classes, files, group)
-    else:
-        metrics = metrics_from_probs(probs, labels, predictor.classes, files, group)
-    if members:
-        metrics["ensemble_mode"] = predictor.mode
-        metrics["members"] = {name: metrics_from_probs(p, labels, predictor.classes, files, group)
-                              for name, p in member_probs.items()}
-    metrics["bad_files"] = [{"file": str(b.path), "reason": b.reason} for b in bad]
-    metrics["data"] = str(folder)
-    metrics["tta"] = tta
-    return metrics
-
-
 def format_report(metrics: dict) -> str:
     """A plain-text table: overall, per class, per group."""
     lines = [f"accuracy {metrics['accuracy']:.2%} on {metrics['n']} images",
@@ -167,17 +108,48 @@ def format_report(metrics: dict) -> str:
         lines.append(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {row['support']:>6}")
     for name, row in metrics.get("groups", {}).items():
         lines.append(f"group {name:<14} accuracy {row['accuracy']:.2%} (n={row['n']})")
-    for name, row in metrics.get("levels", {}).items():  # task = hierarchical
-        lines.append(f"{name:<20} accuracy {row['accuracy']:.2%} over {len(row['classes'])} classes")
-    members = metrics.get("members")
-    if members:  # an ensemble: recall per class of every member beside the ensemble's
-        names = [*members, f"ensemble ({metrics.get('ensemble_mode', '?')})"]
-        rows = [*members.values(), metrics]
-        widths = [max(9, len(n) + 2) for n in names]
-        lines += ["", "recall per class, each member and the ensemble",
-                  f"{'class':<20}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
-        for name in metrics["per_class"]:
-            lines.append(f"{name:<20}" + "".join(f"{r['per_class'][name]['recall']:>{w}.3f}"
-                                                  for r, w in zip(rows, widths)))
-        lines.append(f"{'accuracy':<20}" + "".join(f"{r['accuracy']:>{w}.2%}" for r, w in zip(rows, widths)))
     return "\n".join(lines)
+
+
+def plot_losses(history, path: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if history.train:
+        steps, losses = zip(*history.train)
+        smooth = np.convolve(losses, np.ones(5) / 5, mode="valid") if len(losses) >= 5 else losses
+        ax.plot(steps[len(steps) - len(smooth):], smooth, label="train (smoothed)")
+    if history.valid:
+        steps, losses = zip(*history.valid)
+        ax.plot(steps, losses, "o-", label="valid")
+    ax.set_xlabel("mini-batch")
+    ax.set_ylabel("loss")
+    ax.set_title("Losses (frozen then unfrozen)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_top_losses(images: list[np.ndarray], given: list[str], probs: np.ndarray, classes: list[str],
+                    path: Path, k: int = 9) -> Path:
+    """The k validation images the model gets most wrong: given, predicted, probability, loss."""
+    plt = pyplot()
+    index = {c: i for i, c in enumerate(classes)}
+    true_p = np.array([probs[i, index[y]] for i, y in enumerate(given)])
+    losses = -np.log(np.clip(true_p, 1e-12, 1))
+    order = np.argsort(-losses)[:k]
+    cols = 3
+    rows = max(1, int(np.ceil(len(order) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, i in zip(np.atleast_1d(axes).ravel(), order):
+        predicted = classes[int(probs[i].argmax())]
+        ax.imshow(images[i])
+        ax.set_title(f"{given[i]} -> {predicted}\np={probs[i].max():.2f} loss={losses[i]:.2f}", fontsize=9)
+    fig.suptitle("Top losses (given -> predicted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

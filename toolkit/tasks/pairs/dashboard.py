@@ -10,7 +10,6 @@ compares the approaches (overall, per group, per kind of pair). Errors are one l
 from __future__ import annotations
 
 import html
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,44 +17,38 @@ from typing import Any
 import ipywidgets as widgets
 from PIL import Image
 
+from toolkit.core.artifacts import META_FILE, read_json
+from toolkit.core.config import ClassifierSpec
 from toolkit.core.errors import ToolkitError
-from toolkit.core.images import MAX_PIXELS, open_image
-from toolkit.model_io import META_FILE
-from toolkit.settings import ClassifierSpec
-from toolkit.ui.dashboard import (
+from toolkit.core.html import (
     MAX_UPLOAD_BYTES,
     THUMB,
-    _error_html,
-    _one_line,
-    _png,
-    _shrunk,
-    get_predictor,
-    has_model,
+    error_html,
     header_html,
+    image_bytes,
+    one_line,
     probability_bars,
+    shrunk,
 )
+from toolkit.core.images import MAX_PIXELS, open_image
+from toolkit.tasks.registry import cached_predictor
 
 SAME, DIFFERENT = "same pair", "different pairs"
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def approach_folders(spec: ClassifierSpec) -> dict[str, Path]:
     """approach -> model folder: models/NAME/<approach>/ when both were trained, else models/NAME."""
     folders = {a: spec.models_dir / a for a in ("siamese", "stacked") if (spec.models_dir / a / META_FILE).is_file()}
-    if not folders and has_model(spec):
-        folders[_read(spec.models_dir / META_FILE).get("approach", "model")] = spec.models_dir
+    if not folders and (spec.models_dir / META_FILE).is_file():
+        folders[read_json(spec.models_dir / META_FILE).get("approach", "model")] = spec.models_dir
     return folders
 
 
 def pairs_card_html(spec: ClassifierSpec, meta: dict[str, Any]) -> str:
     """Backbone, size, data, and each approach's validation accuracy overall, per group and per kind."""
-    metrics = _read(spec.models_dir / "metrics.json")
+    metrics = read_json(spec.models_dir / "metrics.json")
     data = meta.get("data", {})
     approaches = metrics.get("approaches") or ({meta.get("approach", "?"): metrics} if "accuracy" in metrics else {})
     rows = [("backbone", f"{meta.get('arch', '?')}" + (" (ImageNet-pretrained)" if meta.get("pretrained") else "")),
@@ -108,7 +101,7 @@ class PairDashboard:
         self.card = widgets.HTML()
         self.card.add_class("toolkit-model-card")
         self.folders = approach_folders(spec)
-        chosen = _read(spec.models_dir / "metrics.json").get("chosen")
+        chosen = read_json(spec.models_dir / "metrics.json").get("chosen")
         options = list(self.folders)
         self.approach = widgets.Dropdown(options=options, value=chosen if chosen in options else
                                          (options[0] if options else None), description="approach")
@@ -127,7 +120,7 @@ class PairDashboard:
         except Exception as exc:  # a broken model folder: say so, keep the page alive
             for upload in self.uploads:
                 upload.disabled = True
-            self.card.value = _error_html(f"cannot load the model: {_one_line(exc)}")
+            self.card.value = error_html(f"cannot load the model: {one_line(exc)}")
         for index, upload in enumerate(self.uploads):
             upload.observe(lambda change, i=index: self._on_upload(i, change), names="value")
         self.approach.observe(lambda _: self._guard(self.compare), names="value")
@@ -143,14 +136,14 @@ class PairDashboard:
     def predictor(self):
         if not self.approach.value:
             raise ToolkitError(f"no trained model: run `toolkit train {self.spec.name}` first")
-        return get_predictor(self.folders[self.approach.value])
+        return cached_predictor(self.folders[self.approach.value])
 
     def _guard(self, action) -> Any:
         try:
             self.status.value = ""
             return action()
         except Exception as exc:
-            self.status.value = _error_html(_one_line(exc))
+            self.status.value = error_html(one_line(exc))
             return None
 
     def _on_upload(self, index: int, change) -> None:
@@ -168,8 +161,8 @@ class PairDashboard:
         self.images[index], self.names[index], self.result.value = None, "", ""
         self.thumbs[index].value = b""
         img = open_image(bytes(content or b""), name=name, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
-        self.images[index], self.names[index] = _shrunk(img, 1024), name
-        self.thumbs[index].value = _png(_shrunk(img, THUMB))
+        self.images[index], self.names[index] = shrunk(img, 1024), name
+        self.thumbs[index].value = image_bytes(shrunk(img, THUMB))
         return self.compare()
 
     def compare(self) -> str | None:

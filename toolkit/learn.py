@@ -1,14 +1,15 @@
-"""Fine-tune a pretrained backbone with fastai: lr_find, fine_tune, best epoch, exports, plots.
+"""The shared training recipe's parts, on fastai: a Learner over the registry's backbones, lr_find,
+the frozen phase on cached body features, fine_tune's unfrozen phase, the best epoch kept.
 
-The book's recipe (`vision_learner` + `lr_find` + `fine_tune`) on the registry's backbones, with
-what a practitioner needs around it: verified data, a decoded-image cache, the best epoch kept,
-a CSV log, the pickle-free export, metrics.json and the plots a person looks at.
+The book's recipe (`vision_learner` + `lr_find` + `fine_tune`) with what a practitioner needs
+around it: the body's ImageNet batch-norm statistics kept (`PretrainedBatchNormStats`), channels-
+last memory, a CSV log, a loss history for the plot. Task kinds build their models and data and
+call `make_learner` + `fit_learner` (`toolkit.tasks.base.Task.train` is the default recipe).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,21 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit.core.backbones import body_head_split, create_model, get_backbone, has_fastai_head
+from toolkit.core.backbones import body_head_split, has_fastai_head
+from toolkit.core.config import ClassifierSpec
+from toolkit.core.metrics import pyplot
 from toolkit.core.progress import progress_iter
-from toolkit.data import Dataset, count_by_class, load_dataset, make_dataloaders
-from toolkit.evaluate import metrics_from_probs, plot_confusion
-from toolkit.model_io import export_model
-from toolkit.settings import ClassifierSpec
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from toolkit.data import Dataset
 
 
 def data_fingerprint(dataset: Dataset) -> str:
@@ -66,48 +57,8 @@ def _loss_history_callback():
     return LossHistory()
 
 
-def plot_losses(history, path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if history.train:
-        steps, losses = zip(*history.train)
-        smooth = np.convolve(losses, np.ones(5) / 5, mode="valid") if len(losses) >= 5 else losses
-        ax.plot(steps[len(steps) - len(smooth):], smooth, label="train (smoothed)")
-    if history.valid:
-        steps, losses = zip(*history.valid)
-        ax.plot(steps, losses, "o-", label="valid")
-    ax.set_xlabel("mini-batch")
-    ax.set_ylabel("loss")
-    ax.set_title("Losses (frozen then unfrozen)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
-def plot_top_losses(images: list[np.ndarray], given: list[str], probs: np.ndarray, classes: list[str],
-                    path: Path, k: int = 9) -> Path:
-    """The k validation images the model gets most wrong: given, predicted, probability, loss."""
-    plt = _plt()
-    index = {c: i for i, c in enumerate(classes)}
-    true_p = np.array([probs[i, index[y]] for i, y in enumerate(given)])
-    losses = -np.log(np.clip(true_p, 1e-12, 1))
-    order = np.argsort(-losses)[:k]
-    cols = 3
-    rows = max(1, int(np.ceil(len(order) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows))
-    for ax in np.atleast_1d(axes).ravel():
-        ax.axis("off")
-    for ax, i in zip(np.atleast_1d(axes).ravel(), order):
-        predicted = classes[int(probs[i].argmax())]
-        ax.imshow(images[i])
-        ax.set_title(f"{given[i]} -> {predicted}\np={probs[i].max():.2f} loss={losses[i]:.2f}", fontsize=9)
-    fig.suptitle("Top losses (given -> predicted)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 FALLBACK_LR = 2e-3
@@ -118,7 +69,7 @@ def find_lr(learn, num_it: int, plot_path: Path) -> dict[str, float]:
     import torch
     from fastai.callback.schedule import slide, valley
 
-    plt = _plt()
+    plt = pyplot()
     learn.lr_find(num_it=max(num_it, 20), show_plot=False, suggest_funcs=None)
     lrs, losses = torch.tensor(learn.recorder.lrs), torch.tensor(learn.recorder.losses)
     n = len(lrs)
@@ -269,88 +220,3 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     values += [list(v) for v in learn.recorder.values]
     return {"lr": lr, "lr_find": found, "history": history, "fit_seconds": fit_seconds, "values": values}
 
-
-def train(spec: ClassifierSpec, data: Path | None = None, *, progress: bool = True,
-          log: Callable[[str], None] = print, out: Path | None = None, callbacks: Sequence = ()) -> dict:
-    """Train spec's classifier; write models/NAME/ (or `out`) and return its metrics (also in
-    metrics.json). `callbacks` are extra fastai callbacks for the fit (e.g. TensorBoard in sweeps)."""
-    from fastai.torch_core import set_seed
-
-    if spec.task == "pairs":  # shoe pairs: stacked and/or two-input models (toolkit/pairs.py)
-        from toolkit.pairs import train_pairs
-
-        return train_pairs(spec, data, progress=progress, log=log)
-    if spec.ensemble and out is None:  # every member, then the ensemble (toolkit/ensemble.py)
-        from toolkit.ensemble import train_ensemble
-
-        return train_ensemble(spec, data, progress=progress, log=log)
-    started = time.time()
-    out = Path(out) if out is not None else spec.models_dir
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(spec, data, progress=progress)
-    log(f"data: {dataset.root} - {dataset.n_train} train, {dataset.n_valid} valid, "
-        f"classes {count_by_class(dataset.labels)}")
-    bad_report = out / "bad_images.json"
-    bad_report.write_text(json.dumps([{"file": str(b.path), "reason": b.reason} for b in dataset.bad], indent=1))
-    if dataset.bad:
-        log(f"warning: left out {len(dataset.bad)} unreadable file(s), listed in {bad_report}; "
-            f"first: {dataset.bad[0].reason}")
-    for warning in dataset.warnings:
-        log(f"warning: {warning}")
-
-    backbone = get_backbone(spec.arch)
-    set_seed(spec.seed)
-    dls = make_dataloaders(dataset, spec.size, spec.bs, backbone.mean, backbone.std, seed=spec.seed,
-                           progress=progress)
-    model = create_model(spec.arch, len(dataset.classes), pretrained=spec.pretrained)
-    learn = make_learner(dls, model, out, pretrained=spec.pretrained, progress=progress,
-                         keep_bn_stats=spec.body_bn == "frozen")
-    fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks)
-    lr, found, history, fit_seconds = fitted["lr"], fitted["lr_find"], fitted["history"], fitted["fit_seconds"]
-    epochs_run = spec.epochs + spec.freeze_epochs
-
-    probs, targets = learn.get_preds(ds_idx=1)
-    probs = probs.numpy()
-    valid_files, valid_labels = dataset.subset(valid=True)
-    hierarchical = spec.task == "hierarchical"
-    if hierarchical:  # leaf metrics decoded top down, plus accuracy and confusion per level
-        from toolkit.hierarchy import depth, hierarchical_metrics, plot_levels
-
-        metrics = hierarchical_metrics(probs, valid_labels, dataset.classes, valid_files, spec.group)
-    else:
-        metrics = metrics_from_probs(probs, valid_labels, dataset.classes, valid_files, spec.group)
-    fingerprint = data_fingerprint(dataset)
-    meta = {"name": spec.name, "title": spec.display_title, "description": spec.description,
-            "arch": spec.arch, "pretrained": spec.pretrained, "classes": dataset.classes, "size": spec.size,
-            "mean": list(backbone.mean), "std": list(backbone.std), "group": spec.group,
-            "data": {"dir": str(dataset.root), "fingerprint": fingerprint,
-                     "n_train": dataset.n_train, "n_valid": dataset.n_valid}}
-    if hierarchical:
-        meta.update(task="hierarchical", levels=depth(dataset.classes), hierarchy=spec.hierarchy)
-    export_model(learn.model, out, meta)
-    learn.export(out / "export.pkl")
-
-    plot_confusion(metrics, out / "confusion_matrix.png", title=f"{spec.name} validation")
-    if hierarchical:
-        plot_levels(metrics, out, f"{spec.name} validation")
-    plot_losses(history, out / "losses.png")
-    from toolkit.data import load_resized
-
-    plot_top_losses([load_resized(f, spec.size) for f in valid_files], valid_labels, probs,
-                    dataset.classes, out / "top_losses.png")
-    metrics.update({
-        "name": spec.name, "arch": spec.arch, "size": spec.size, "epochs": spec.epochs,
-        "freeze_epochs": spec.freeze_epochs, "bs": spec.bs, "lr": lr, "lr_mult": spec.lr_mult,
-        "lr_find": found,
-        "n_train": dataset.n_train, "n_valid": dataset.n_valid, "bad_files": len(dataset.bad),
-        "warnings": dataset.warnings, "data": str(dataset.root), "data_fingerprint": fingerprint,
-        "fit_seconds": round(fit_seconds, 1), "wall_seconds": round(time.time() - started, 1),
-        "train_images_per_second": round(dataset.n_train * epochs_run / fit_seconds, 2),
-        "history": [list(map(float, v)) for v in fitted["values"]],
-    })
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log(f"valid accuracy {metrics['accuracy']:.2%} on {metrics['n']} images; "
-        f"{metrics['train_images_per_second']} train images/s; wrote {out}")
-    for name, level in metrics.get("levels", {}).items():
-        log(f"  {name}: accuracy {level['accuracy']:.2%} over {len(level['classes'])} classes")
-    return metrics

@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from toolkit.core.errors import ToolkitError
-from toolkit.core.images import ImageSource, open_image
-from toolkit.evaluate import metrics_from_probs, plot_confusion
-from toolkit.model_io import Prediction, Predictor
+from toolkit.core.config import ClassifierSpec, Key
+from toolkit.core.errors import SettingsError, ToolkitError
+from toolkit.core.metrics import metrics_from_probs, plot_confusion
+from toolkit.core.names import BadName, check_label_path
+from toolkit.data import Dataset, class_folders, list_labelled_images
+from toolkit.predict import Prediction
+from toolkit.tasks.base import FEATURES, Task
+from toolkit.tasks.registry import register
 
 SEP = "/"
 
@@ -83,9 +86,7 @@ def to_paths(labels: Sequence[str], mapping: dict[str, str], where: str) -> list
 def list_paths(folder: Path, mapping: dict[str, str] | None = None) -> tuple[list[Path], list[str]]:
     """Images of `folder` with path labels: through `mapping` when every class folder is in it
     (a flat data set), else from the nested folders (`folder/shoes/female/sandals/x.jpg`)."""
-    from toolkit.data import _class_folders, list_labelled_images
-
-    if mapping and {p.name for p in _class_folders(folder)} <= set(mapping):
+    if mapping and {p.name for p in class_folders(folder)} <= set(mapping):
         files, labels = list_labelled_images(folder)
         return files, to_paths(labels, mapping, str(folder))
     files, labels = list_labelled_images(folder, nested=True)
@@ -182,29 +183,23 @@ class HierarchicalPrediction(Prediction):
 
     path: list[tuple[str, float]] = field(default_factory=list)
 
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "path": [{"node": node, "probability": round(p, 5)} for node, p in self.path]}
 
-class HierarchicalPredictor(Predictor):
-    """The lean Predictor of a task = hierarchical model: leaf probabilities, decoded top down."""
+    def line(self) -> str:
+        return super().line() + "\t" + " > ".join(f"{node} {p:.3f}" for node, p in self.path)
 
-    def path_of(self, probs: np.ndarray | dict[str, float]) -> list[tuple[str, float]]:
-        """One image's leaf probabilities -> [(node, probability)] from the top level down."""
-        if isinstance(probs, dict):
-            probs = np.array([probs[c] for c in self.classes])
-        leaf, per_level = decode(np.asarray(probs)[None], self.classes)
-        leaf_path = self.classes[int(leaf[0])]
-        path: list[tuple[str, float]] = []
-        for level in range(1, per_level.shape[1] + 1):
-            node = node_at(leaf_path, level)
-            if not path or path[-1][0] != node:  # a short path stays its own node deeper down
-                path.append((node, float(per_level[0, level - 1])))
-        return path
 
-    def predict(self, src: ImageSource | Image.Image, name: str | None = None) -> HierarchicalPrediction:
-        img = src if isinstance(src, Image.Image) else open_image(src, name=name, draft_size=self.size)
-        probs = self.predict_images([img.convert("RGB")])[0]
-        path = self.path_of(probs)
-        leaf = path[-1][0]
-        return HierarchicalPrediction(leaf, dict(zip(self.classes, probs.tolist(), strict=True)), path)
+def decode_path(classes: Sequence[str], probs: np.ndarray) -> list[tuple[str, float]]:
+    """One image's leaf probabilities -> [(node, probability)] from the top level down."""
+    leaf, per_level = decode(np.asarray(probs)[None], classes)
+    leaf_path = classes[int(leaf[0])]
+    path: list[tuple[str, float]] = []
+    for level in range(1, per_level.shape[1] + 1):
+        node = node_at(leaf_path, level)
+        if not path or path[-1][0] != node:  # a short path stays its own node deeper down
+            path.append((node, float(per_level[0, level - 1])))
+    return path
 
 
 def path_html(path: list[tuple[str, float]]) -> str:
@@ -212,3 +207,77 @@ def path_html(path: list[tuple[str, float]]) -> str:
     steps = [f'<span class="toolkit-level"><b>{html.escape(node.split(SEP)[-1])}</b> {p:.0%}</span>'
              for node, p in path]
     return '<div class="toolkit-path">' + " &rsaquo; ".join(steps) + "</div>"
+
+
+# ---------------------------------------------------------------- the task kind
+
+
+class HierarchicalTask(Task):
+    """Classes are label paths; one flat leaf model, decoded top down, figures per level."""
+
+    name = "hierarchical"
+    summary = "label paths such as shoes/female/sandals: one consistent path, a probability per level"
+    keys = {"hierarchy": Key(parse_hierarchy, "", "task = hierarchical: data folders as label paths, 'tops/shirt' "
+                             "or 'FOLDER: tops/shirt' items (default: nested folders shoes/female/sandals/ are the "
+                             "paths)")}
+    supports = frozenset(FEATURES)
+
+    def check_spec(self, spec: ClassifierSpec) -> None:
+        missing = [c for c in spec.classes if c not in spec.hierarchy] if spec.hierarchy else []
+        if missing:
+            raise SettingsError(f"settings [{spec.name}] hierarchy has no path for class(es) {', '.join(missing)}; "
+                                f"add e.g. '{missing[0]}: parent/{missing[0]}'")
+
+    def list_images(self, folder: Path, spec: ClassifierSpec) -> tuple[list[Path], list[str]]:
+        return list_labelled_images(folder, nested=not spec.hierarchy)
+
+    def to_labels(self, folder_labels: list[str], spec: ClassifierSpec, where: str) -> list[str]:
+        mapping = spec.hierarchy
+        labels = to_paths(folder_labels, mapping, f"[{spec.name}] hierarchy ({where})") if mapping else folder_labels
+        try:
+            check_paths(labels)
+        except ValueError as exc:
+            raise ToolkitError(f"[{spec.name}] {where}: {exc}") from None
+        return labels
+
+    def eval_images(self, folder: Path, meta: dict) -> tuple[list[Path], list[str]]:
+        return list_paths(folder, meta.get("hierarchy"))
+
+    def folder_classes(self, meta: dict) -> dict[str, str]:
+        return dict(meta.get("hierarchy") or {})
+
+    def model_meta(self, spec: ClassifierSpec, dataset: Dataset) -> dict:
+        return {"levels": depth(dataset.classes), "hierarchy": spec.hierarchy}
+
+    def result_keys(self) -> tuple[str, ...]:
+        return (*super().result_keys(), "levels")
+
+    def metrics(self, probs, labels, classes, files=None, group: str = "") -> dict:
+        return hierarchical_metrics(probs, labels, classes, files, group)
+
+    def plots(self, metrics: dict, folder: Path, title: str) -> list[Path]:
+        return [*super().plots(metrics, folder, title), *plot_levels(metrics, folder, title)]
+
+    def report_extra(self, metrics: dict) -> list[str]:
+        return [line for line in format_levels(metrics).splitlines() if line]
+
+    def describe(self, classes, probs) -> HierarchicalPrediction:
+        path = decode_path(classes, probs)
+        return HierarchicalPrediction(path[-1][0], dict(zip(classes, map(float, probs), strict=True)), path)
+
+    def prediction_html(self, prediction: Prediction) -> str:
+        return path_html(getattr(prediction, "path", []))
+
+    def card_rows(self, meta: dict, metrics: dict) -> list[tuple[str, str]]:
+        levels = metrics.get("levels") or {}
+        return [("accuracy per level", ", ".join(f"{name} {m['accuracy']:.1%}" for name, m in levels.items()))] \
+            if levels else []
+
+    def check_feedback_label(self, label: str) -> str:
+        try:
+            return check_label_path(label, "label")
+        except BadName as exc:
+            raise BadName(f"{exc} (a label is a path such as tops/shirt)") from None
+
+
+register(HierarchicalTask())

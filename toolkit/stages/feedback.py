@@ -1,0 +1,217 @@
+"""Feedback from the dashboards: an image saved under the label a user says is right.
+
+    feedback/NAME/<label>/<UTC timestamp>_<original stem>.jpg   the upright RGB image (JPEG)
+    feedback/NAME/feedback.jsonl                                 one JSON line per saved image
+
+Nothing a user types can break feedback for others or reach outside feedback/NAME:
+
+- the label passes `toolkit.core.names.check_name` (`check_label_path` for hierarchical labels
+  such as tops/shirt): NFC, no separators or control characters, no leading '.' or '_'; a label
+  part equal to a reserved name (`feedback.jsonl`, see `RESERVED`) is refused, and the folder's
+  resolved path must lie inside feedback/NAME;
+- the image is written to a temporary name, fsynced and renamed; the jsonl line is appended under
+  an exclusive lock with flush + fsync, and a torn last line (a crash mid-write) is ended first;
+- a quota per classifier: at most `TOOLKIT_FEEDBACK_MAX_FILES` files (default
+  `MAX_FEEDBACK_FILES` = 5000) and `TOOLKIT_FEEDBACK_MAX_MB` megabytes (default
+  `MAX_FEEDBACK_MB` = 1000) in feedback/NAME; a full folder refuses the save with one line.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from toolkit.core.errors import ToolkitError
+from toolkit.core.names import BadName, check_label_path, check_name
+
+FEEDBACK_LOG = "feedback.jsonl"
+RESERVED = frozenset({FEEDBACK_LOG, "feedback.jsonl.tmp", "manifest.jsonl", "decisions.jsonl"})
+MAX_FEEDBACK_FILES = 5000
+MAX_FEEDBACK_MB = 1000
+FILES_ENV = "TOOLKIT_FEEDBACK_MAX_FILES"
+MB_ENV = "TOOLKIT_FEEDBACK_MAX_MB"
+JPEG_QUALITY = 90
+
+
+class FeedbackFull(ToolkitError):
+    """The classifier's feedback folder reached its quota."""
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ToolkitError(f"${name} = {raw!r}: give a whole number (default {default})") from None
+    if value <= 0:
+        raise ToolkitError(f"${name} = {raw!r}: must be positive (default {default})")
+    return value
+
+
+def quota() -> tuple[int, int]:
+    """(max files, max bytes) per classifier: the environment's values or the defaults."""
+    return _env_int(FILES_ENV, MAX_FEEDBACK_FILES), _env_int(MB_ENV, MAX_FEEDBACK_MB) * 1_000_000
+
+
+def check_feedback_label(raw: str, hierarchical: bool = False) -> str:
+    """The checked label (a path of names for hierarchical classifiers), or a one-line BadName."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise ToolkitError("type or pick the right label first")
+    if hierarchical:
+        try:
+            label = check_label_path(raw, "label")
+        except BadName as exc:
+            raise BadName(f"{exc} (a label is a path such as tops/shirt)") from None
+    else:
+        label = check_name(raw, "label")
+    for part in label.split("/"):
+        if part.casefold() in RESERVED:
+            raise ToolkitError(f"label {part!r} is a reserved name in the feedback folder; pick another label")
+    return label
+
+
+def usage(feedback_dir: Path) -> tuple[int, int]:
+    """(files, bytes) under feedback_dir, temporary files included."""
+    files = size = 0
+    for folder, _, names in os.walk(feedback_dir):
+        for name in names:
+            try:
+                size += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                continue
+            files += 1
+    return files, size
+
+
+def _safe_stem(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(name)).stem).strip("-.") or "image"
+    return stem[:60]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}{path.suffix}")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _append_locked(handle, record: dict[str, Any]) -> None:
+    """Append one JSON line to an open, locked 'a+b' handle: end a torn last line first."""
+    handle.seek(0, os.SEEK_END)
+    end = handle.tell()
+    prefix = b""
+    if end:
+        handle.seek(end - 1)
+        if handle.read(1) != b"\n":
+            prefix = b"\n"
+    handle.write(prefix + json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def read_feedback(feedback_dir: str | Path) -> list[dict[str, Any]]:
+    """Every readable line of feedback.jsonl (torn or undecodable lines are skipped)."""
+    return list(_lines(Path(feedback_dir) / FEEDBACK_LOG))
+
+
+def _lines(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        for raw in handle:
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            if isinstance(row, dict):
+                yield row
+
+
+def save_feedback(feedback_dir: str | Path, img: Image.Image, label: str, original_name: str,
+                  probs: dict[str, float] | None = None, model_created: str | None = None, *,
+                  hierarchical: bool = False, now: datetime | None = None) -> Path:
+    """Write feedback_dir/<label>/<timestamp>_<stem>.jpg (atomically) and a feedback.jsonl line.
+
+    Raises ToolkitError (one line) for a bad label, a label folder outside feedback_dir, or a full
+    quota (`FeedbackFull`); nothing is written then."""
+    label = check_feedback_label(label, hierarchical)
+    root = Path(feedback_dir)
+    max_files, max_bytes = quota()
+    now = now or datetime.now(timezone.utc)
+    buffer = io.BytesIO()
+    img.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    data = buffer.getvalue()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / FEEDBACK_LOG, "a+b") as log:
+            fcntl.flock(log.fileno(), fcntl.LOCK_EX)  # one save at a time per classifier (kernels, users)
+            files, size = usage(root)
+            if files + 1 > max_files or size + len(data) > max_bytes:
+                raise FeedbackFull(f"feedback for {root.name} is full ({files} files, {size / 1e6:.0f} MB in {root}; "
+                                   f"limits {max_files} files, {max_bytes / 1e6:.0f} MB): move them into the "
+                                   f"training data or raise ${FILES_ENV} / ${MB_ENV}")
+            folder = root / label
+            resolved_root = root.resolve()
+            if not folder.resolve().is_relative_to(resolved_root) or folder.resolve() == resolved_root:
+                raise ToolkitError(f"label {label!r} leads outside {root}; pick another label")
+            parts = folder.relative_to(root).parts
+            for i in range(1, len(parts) + 1):
+                here = root.joinpath(*parts[:i])
+                if here.exists() and not here.is_dir():
+                    raise ToolkitError(f"label {label!r}: {here} is a file, not a label folder; pick another label")
+            folder.mkdir(parents=True, exist_ok=True)
+            if not folder.resolve().is_relative_to(resolved_root):  # a link planted meanwhile
+                raise ToolkitError(f"label {label!r} leads outside {root}; pick another label")
+            stem = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}_{_safe_stem(original_name)}"
+            path = folder / f"{stem}.jpg"
+            counter = 1
+            while path.exists():
+                path = folder / f"{stem}-{counter}.jpg"
+                counter += 1
+            _write_atomic(path, data)
+            predicted = max(probs, key=probs.get) if probs else None
+            _append_locked(log, {
+                "time": now.isoformat(timespec="seconds"), "file": path.relative_to(root).as_posix(),
+                "label": label, "predicted": predicted,
+                "probability": round(probs[predicted], 5) if predicted else None,
+                "probs": {k: round(v, 5) for k, v in (probs or {}).items()},
+                "original_name": str(original_name), "sha256": hashlib.sha256(data).hexdigest(),
+                "model_created": model_created})
+    except OSError as exc:
+        raise ToolkitError(f"cannot save feedback in {root}: {exc.strerror or exc}") from exc
+    return path
