@@ -41,7 +41,7 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"bench/ensemble.py needs {DATA}")
     from toolkit.settings import load_settings
-    from toolkit.tasks.ensemble import train_ensemble
+    from toolkit.stages.train import train as train_ensemble  # the section has an ensemble key
 
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

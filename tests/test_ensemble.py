@@ -285,8 +285,8 @@ def test_two_backbones_at_two_sizes_on_clothing(tmp_path, clothing_small):
     """efficientnet_lite0 (pretrained, 1+1 epochs) at 64 px + resnet18 (from scratch, 1 epoch) at 72 px,
     on a train/ + validation/ folder split."""
     from toolkit.stages.explain import gradcams
+    from toolkit.stages.train import train as train_ensemble  # the section has an ensemble key
     from toolkit.tasks import load_predictor
-    from toolkit.tasks.ensemble import train_ensemble
 
     classes = ["pants", "shoes", "t-shirt"]
     copy_subset(clothing_small / "train", tmp_path / "data" / "train", classes, 20)

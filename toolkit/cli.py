@@ -134,12 +134,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         result["runs"] = ranked(sweep(spec, grid, args.data, progress=not args.quiet, log=log))
         folder = spec.models_dir / "sweep"
         log(f"wrote {folder / CSV_NAME}, {folder / TABLE_NAME} and {folder / PLOT_NAME}")
+    lines = [f"{row['combo']}\taccuracy {row['accuracy']}" for row in result.get("runs", [])]
     if args.best:
         result["best"] = apply_best(Path(args.settings).resolve(), spec)
-        log(f"best: set {' '.join(f'{k} = {v}' for k, v in result['best'].items())} in [{spec.name}] "
-            f"of {args.settings}")
-    return emit(args, result["runs"] if "runs" in result and "best" not in result else result,
-                [f"{row['combo']}\taccuracy {row['accuracy']}" for row in result.get("runs", [])])
+        lines.append(f"best: set {' '.join(f'{k} = {v}' for k, v in result['best'].items())} in [{spec.name}] "
+                     f"of {args.settings}")
+    return emit(args, result["runs"] if "runs" in result and "best" not in result else result, lines)
 
 
 @command("evaluate", NAME, DATA, arg("--tta", action="store_true", help="average with the horizontally flipped image"))
