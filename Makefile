@@ -21,7 +21,7 @@ run: install
 	$(TOOLKIT) scrape fashion-mnist --test-split
 	$(TOOLKIT) train fashion-mnist
 	$(TOOLKIT) evaluate fashion-mnist --data scrape/fashion-mnist-test
-	@echo "Serving the dashboards: open http://127.0.0.1:8866/voila/render/fashion-mnist.ipynb (classifier) and http://127.0.0.1:8866/voila/render/clean.ipynb (cleaning app); Ctrl-C stops"
+	@echo "Serving the dashboards: open the URLs printed below (they carry the access token): fashion-mnist.ipynb is the classifier, clean.ipynb the cleaning app; Ctrl-C stops"
 	$(TOOLKIT) serve
 
 test: install
