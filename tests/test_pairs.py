@@ -277,3 +277,30 @@ def test_pairs_app_notebook_executes(pairs_project, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"], outputs
     bundles = [o.get("data", {}) for o in outputs if o.output_type == "execute_result"]
     assert any("application/vnd.jupyter.widget-view+json" in b for b in bundles), outputs
+
+
+# ------------------------------------------------------------------ cross-cutting features (the task registry)
+
+
+def test_pairs_refuse_explain_clean_tta_and_ensembles_in_one_line(pairs_project, tmp_path):
+    photo = sorted((pairs_project / "unseen").iterdir())[0]
+    for args, expected in ((("explain", "shoes", photo), "task = pairs does not support toolkit explain"),
+                           (("clean", "shoes", "--report"), "task = pairs does not support toolkit clean"),
+                           (("evaluate", "shoes", "--data", "unseen", "--tta"), "does not support evaluate --tta")):
+        result = run_cli(*args, cwd=pairs_project)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
+    (tmp_path / "settings.ini").write_text("[shoes]\ntask = pairs\nensemble = size=64 | size=96\n")
+    result = run_cli("train", "shoes", cwd=tmp_path)
+    assert result.returncode == 2 and "settings [shoes] ensemble: task = pairs does not support" in result.stderr
+
+
+def test_a_pairs_sweep_trains_into_its_own_folders_and_never_overwrites_the_model(pairs_project):
+    served = pairs_project / "models" / "shoes"
+    before = {name: (served / name).read_bytes() for name in ("model.json", "model.safetensors", "metrics.json")}
+    result = run_cli("sweep", "shoes", "--grid", "lr=1e-3", "--json", "--quiet", cwd=pairs_project, timeout=900)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["combo"] for r in rows] == ["lr=1e-3"] and 0 <= float(rows[0]["accuracy"]) <= 1
+    assert (served / "sweep" / "lr=1e-3" / "siamese" / "model.json").is_file()
+    assert {name: (served / name).read_bytes() for name in before} == before
