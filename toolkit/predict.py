@@ -80,6 +80,8 @@ class ImagePredictor:
         self.model = load_weights(self.build_model(), folder)
         self.model.eval().to(self.device)
         self.mean, self.std = self.meta["mean"], self.meta["std"]
+        self._mean_std = (torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1),
+                          torch.tensor(self.std, device=self.device).view(1, 3, 1, 1))  # made once, not per batch
         self.fast_model: torch.nn.Module | None = self._optimized() if optimize else None
 
     def build_model(self) -> torch.nn.Module:
@@ -121,8 +123,7 @@ class ImagePredictor:
     def predict_tensors(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
         """(N, 3, size, size) in 0..1 -> (N, classes) probabilities."""
         with torch.inference_mode():
-            mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+            mean, std = self._mean_std
             x = (batch.to(self.device) - mean) / std
             model = self.model
             if self.fast_model is not None:

@@ -75,7 +75,7 @@ def key_owners() -> dict[str, list[str]]:
     return owners
 
 
-def _wrapped(task: Task, applies: Callable[[Any], bool], subject: Any, where: str) -> Task:
+def _wrapped(task: Task, applies: Callable[[Any], bool], where: str) -> Task:
     for wrapper in WRAPPERS:
         if applies(wrapper):
             task.require(wrapper.feature, where, wrapper.key)
@@ -86,7 +86,7 @@ def _wrapped(task: Task, applies: Callable[[Any], bool], subject: Any, where: st
 def task_of(spec: ClassifierSpec) -> Task:
     """The kind of spec's classifier, wrapped (an ensemble) where the section asks for it."""
     task = get_task(spec.task, f"settings [{spec.name}] task")
-    return _wrapped(task, lambda w: w.applies(spec), spec, spec.name)
+    return _wrapped(task, lambda w: w.applies(spec), spec.name)
 
 
 def task_of_meta(meta: dict[str, Any], where: str = "model.json") -> Task:
@@ -95,7 +95,7 @@ def task_of_meta(meta: dict[str, Any], where: str = "model.json") -> Task:
     if name not in TASKS:
         raise ToolkitError(f"{where}: task {name!r} is not known to this toolkit (known: {', '.join(TASKS)}); "
                            "retrain with this toolkit")
-    return _wrapped(TASKS[name], lambda w: w.applies_to_meta(meta), meta, where)
+    return _wrapped(TASKS[name], lambda w: w.applies_to_meta(meta), where)
 
 
 def load_predictor(folder: str | Path, device: str | None = None, optimize: bool = False) -> Any:

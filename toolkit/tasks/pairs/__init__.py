@@ -75,11 +75,6 @@ class PairsTask(Task):
 
         return format_pairs_report(metrics)
 
-    def plots(self, metrics, folder, title):
-        from toolkit.core.metrics import plot_confusion
-
-        return [plot_confusion(metrics, folder / "confusion_matrix.png", title=title)]
-
     def make_dashboard(self, spec: ClassifierSpec):
         from toolkit.tasks.pairs.dashboard import PairDashboard
 
