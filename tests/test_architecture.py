@@ -74,7 +74,9 @@ def test_layers_are_imported_downwards():
 
 
 def test_the_cli_is_thin():
-    assert len((PACKAGE / "cli.py").read_text(encoding="utf-8").splitlines()) <= 300
+    """Each module of toolkit/cli/ (the framework, one module per group of commands) stays short."""
+    sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in (PACKAGE / "cli").glob("*.py")}
+    assert sizes and max(sizes.values()) <= 300, sizes
 
 
 def test_no_task_name_comparisons_outside_the_task_modules():

@@ -361,11 +361,21 @@ class Rankings:
 
 def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_SIZE, arch: str | None = None,
          folds: int = 5, with_model: bool = True, raw: RawImages | None = None,
-         progress: Callable[[str], None] | None = None) -> Rankings:
-    """Compute every ranking for the classifier's raw images (embeddings cached under cleaned_data/NAME/.cache)."""
+         progress: Callable[[str], None] | None = None,
+         on_progress: Callable[[float, str], None] | None = None) -> Rankings:
+    """Compute every ranking for the classifier's raw images (embeddings cached under cleaned_data/NAME/.cache).
+
+    `progress(message)` hears each step; `on_progress(fraction, message)` also hears how far the whole
+    computation is (0..1; the embeddings are most of it), for a percentage bar."""
     import time
 
-    say = progress or (lambda _msg: None)
+    def say(message: str, fraction: float | None = None) -> None:
+        if progress:
+            progress(message)
+        if on_progress and fraction is not None:
+            on_progress(fraction, message)
+
+    say("listing and verifying images", 0.0)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     raw = raw or list_raw_images(spec, data)
@@ -373,13 +383,19 @@ def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_
     rel = raw.rel
     splits = ["valid" if v else "train" for v in raw.is_valid]
     t0 = time.perf_counter()
-    say(f"embedding {len(raw.files)} images")
+    say(f"embedding {len(raw.files)} images", 0.02)
+
+    def embedded(done: int, total: int) -> None:
+        if on_progress:
+            on_progress(0.02 + 0.83 * done / max(total, 1), f"embedding images: {done} of {total} new")
+
     emb, phash, sha = compute_embeddings(raw.files, arch=arch or spec.arch, size=size,
-                                         cache_dir=spec.cleaned_dir / ".cache")
+                                         cache_dir=spec.cleaned_dir / ".cache", progress=embedded)
     times["embeddings"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     y = np.array([raw.classes.index(c) for c in raw.labels])
     warnings: list[str] = []
+    say("out-of-fold label issues", 0.85)
     probs = out_of_fold_probs(emb, y, len(raw.classes), folds=folds, seed=spec.seed, warnings=warnings,
                               class_names=raw.classes)
     issues = label_issue_table(rel, raw.labels, raw.classes, probs, splits)
@@ -388,14 +404,17 @@ def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_
 
     with threadpool_limits(1):  # small matrix products: one BLAS thread is fastest on a busy machine
         t0 = time.perf_counter()
+        say("duplicates", 0.9)
         dups = duplicate_groups(rel, raw.labels, splits, sha, phash, emb)
         times["duplicates"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         outs = outlier_table(rel, raw.labels, raw.classes, emb, probs, splits)
         times["outliers"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    say("top losses of the trained model", 0.95)
     losses = top_losses(spec, raw) if with_model else []
     times["top_losses"] = time.perf_counter() - t0
+    say("done", 1.0)
     return Rankings(raw.root, raw.classes, issues, dups, outs, raw.broken, losses, times, warnings)
 
 
