@@ -348,6 +348,12 @@ class Rankings:
     top_losses: list[dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # row i = the i-th raw image (RawImages.files order): L2-normalised, for maps and similarity
+    embeddings: np.ndarray | None = None
+    # image-quality issues: {"file", "issue" (blurry, dark, light, low_information, odd_size, odd_aspect,
+    # grayscale), "score", ...}; class pairs that the labels confuse: {"a", "b", "count", "share", "examples"}
+    quality: list[dict[str, Any]] = field(default_factory=list)
+    confusion: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The CLI's --json object: files relative to the raw root."""
@@ -415,7 +421,7 @@ def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_
     losses = top_losses(spec, raw) if with_model else []
     times["top_losses"] = time.perf_counter() - t0
     say("done", 1.0)
-    return Rankings(raw.root, raw.classes, issues, dups, outs, raw.broken, losses, times, warnings)
+    return Rankings(raw.root, raw.classes, issues, dups, outs, raw.broken, losses, times, warnings, embeddings=emb)
 
 
 def write_report(rankings: Rankings, folder: Path) -> dict[str, Path]:
