@@ -1,7 +1,6 @@
 """The CLI's building blocks: registering a command and its arguments, and printing its result
 (stdout for results only, stderr for progress and logs)."""
 
-
 from __future__ import annotations
 
 import argparse

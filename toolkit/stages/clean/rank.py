@@ -350,10 +350,6 @@ class Rankings:
     warnings: list[str] = field(default_factory=list)
     # row i = the i-th raw image (RawImages.files order): L2-normalised, for maps and similarity
     embeddings: np.ndarray | None = None
-    # image-quality issues: {"file", "issue" (blurry, dark, light, low_information, odd_size, odd_aspect,
-    # grayscale), "score", ...}; class pairs that the labels confuse: {"a", "b", "count", "share", "examples"}
-    quality: list[dict[str, Any]] = field(default_factory=list)
-    confusion: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The CLI's --json object: files relative to the raw root."""
