@@ -192,6 +192,15 @@ def has_fastai_head(model: nn.Module) -> bool:
             and isinstance(model[1][0], AdaptiveConcatPool2d) and isinstance(model[1][1], Flatten))
 
 
+def set_head_dropout(model: nn.Module, ps: float) -> None:
+    """fastai's head dropout `ps` on a built model: `ps` before the last linear layer, `ps / 2`
+    before the others (as `create_head(ps=...)` lays them out). Acts on the head when the model is
+    `create_model`'s shape, else on every dropout layer of the model (e.g. the siamese pair head)."""
+    dropouts = [m for m in (model[1] if has_fastai_head(model) else model).modules() if isinstance(m, nn.Dropout)]
+    for i, layer in enumerate(dropouts):
+        layer.p = ps if i == len(dropouts) - 1 else ps / 2
+
+
 def _body_halves(body: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """Early and late layers of a body, as fastai splits resnets (stem..layer2 | layer3..)."""
     children = list(body.children())
