@@ -55,7 +55,8 @@ def main() -> int:
         metrics = train(spec, progress=False, log=lambda line: print("  toolkit:", line, flush=True))
         wall = time.time() - started
         per = {}
-        for approach, summary in metrics["approaches"].items():
+        approaches = metrics.get("approaches") or {metrics["approach"]: metrics}  # approach = both, or one
+        for approach, summary in approaches.items():
             row = {"accuracy": summary["accuracy"], "men": summary["groups"].get("m", {}).get("accuracy"),
                    "women": summary["groups"].get("w", {}).get("accuracy"),
                    **{kind: summary["kinds"].get(kind, {}).get("accuracy") for kind in ("positive", "hard", "easy")},
@@ -83,7 +84,7 @@ def main() -> int:
                                  if row[f"{kind}_{g}"] is not None) for g in ("m", "w")))
     if "accuracy_one_order" in per.get("stacked", {}):
         print(f"stacked without the symmetric average: {per['stacked']['accuracy_one_order']:.1%}")
-    chosen = metrics["chosen"]
+    chosen = metrics.get("chosen", metrics["approach"])
     best = per[chosen]
     met = ((best["women"] or 0) >= 0.88 and (best["men"] or 0) >= 0.90
            and min(best["hard_m"] or 0, best["hard_w"] or 0) >= 0.70)
