@@ -32,7 +32,7 @@ def test_ensemble_settings_parse_through_the_keys_table(tmp_path):
     settings = load_settings(ini)
     a = settings.get("a")
     assert a.ensemble == [{"size": 75}, {"size": 100, "arch": "resnet34", "lr": 1e-3}] and a.ensemble_mode == "mean"
-    assert settings.get("b").ensemble == [] and settings.get("b").ensemble_mode == "class_weighted"
+    assert settings.get("b").ensemble == [] and settings.get("b").ensemble_mode == "auto"
     from toolkit.tasks.ensemble import member_specs
 
     members = member_specs(a)
@@ -129,6 +129,7 @@ def cars_project(tmp_path_factory, cars):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(summary["members"]) == {"size64", "size80"} and set(summary["modes"]) == {"mean", "class_weighted"}
+    assert summary["combination"]["used"] is False and "member size80" in summary["combination"]["candidates"]
     return root
 
 
@@ -293,15 +294,61 @@ def test_two_backbones_at_two_sizes_on_clothing(tmp_path, clothing_small):
     copy_subset(clothing_small / "validation", tmp_path / "data" / "validation", classes, 8)
     (tmp_path / "settings.ini").write_text(
         f"[clothes]\ndata = {tmp_path / 'data'}\nensemble = size=64 | size=72 arch=resnet18 pretrained=no "
-        "freeze_epochs=0\nensemble_mode = mean\nepochs = 1\nfreeze_epochs = 1\nbs = 16\nlr = 5e-3\n"
+        "freeze_epochs=0\nensemble_mode = auto\nepochs = 1\nfreeze_epochs = 1\nbs = 16\nlr = 5e-3\n"
         "lr_find_iters = 20\n")
     spec = load_settings(tmp_path / "settings.ini").get("clothes")
     metrics = train_ensemble(spec, progress=False, log=lambda line: None)
     assert list(metrics["members"]) == ["size64", "size72-resnet18-pretrainedno-freeze_epochs0"]
     assert metrics["n"] == 24
-    assert metrics["accuracy"] == metrics["modes"]["mean"]["accuracy"]
+    best = max(m["accuracy"] for m in metrics["members"].values())
+    assert metrics["accuracy"] >= best and metrics["combination"]["used"]  # auto never loses to a member
+    assert metrics["combination"]["choice"] in {"mean", "weighted", "class_weighted", *(
+        f"member {n}" for n in metrics["members"])} and "out of fold" in metrics["combination"]["reason"]
     ensemble = load_predictor(tmp_path / "models" / "clothes", device="cpu")
     assert [m.meta["arch"] for m in ensemble.members.values()] == ["efficientnet_lite0", "resnet18"]
     img = Image.open(sorted((tmp_path / "data" / "validation" / "shoes").iterdir())[0])
     heats = gradcams(ensemble, img, "shoes")
     assert all(h.shape == (img.height, img.width) for h in heats.values())
+
+
+def _probs(true: np.ndarray, right: np.ndarray, confidence: float, n_classes: int, rng) -> np.ndarray:
+    """Probabilities that put `confidence` on the true class where `right`, else on another class."""
+    out = rng.uniform(0, 0.1, (len(true), n_classes))
+    top = np.where(right, true, (true + 1 + rng.integers(0, n_classes - 1, len(true))) % n_classes)
+    out[np.arange(len(true)), top] = confidence
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def test_auto_picks_the_member_that_is_better_everywhere():
+    from toolkit.tasks.ensemble import choose_combination
+
+    rng = np.random.default_rng(0)
+    true = np.repeat(np.arange(4), 50)
+    strong = _probs(true, rng.random(200) < 0.95, 0.9, 4, rng)  # right on 95%, confident
+    weak, rows = strong.copy(), np.arange(200)
+    weak[rows, true] *= 0.4  # below strong on the true class of every image, the rest on a wrong class
+    weak[rows, (true + 1 + rng.integers(0, 3, 200)) % 4] += 0.6 * strong[rows, true]
+    assert (weak[np.arange(200), true] < strong[np.arange(200), true]).all()
+    chosen = choose_combination([weak, strong], true, ["weak", "strong"])
+    assert chosen["choice"] == "member strong" and "no combination beat" in chosen["reason"]
+    assert chosen["weights"] == pytest.approx(np.array([[0.0] * 4, [1.0] * 4]))
+    assert (chosen["probs"].argmax(1) == true).mean() == chosen["candidates"]["member strong"]["accuracy"]
+    assert set(chosen["candidates"]) == {"member weak", "member strong", "mean", "weighted", "class_weighted"}
+
+
+def test_auto_combines_complementary_members_and_never_reports_below_the_best():
+    from toolkit.tasks.ensemble import choose_combination, member_weights
+
+    rng = np.random.default_rng(1)
+    true = np.repeat(np.arange(3), 60)
+    half = np.arange(180) % 2 == 0
+    a = _probs(true, half | (rng.random(180) < 0.5), 0.9, 3, rng)  # sure and right on even images
+    b = _probs(true, ~half | (rng.random(180) < 0.5), 0.9, 3, rng)
+    a[~half] = 0.5 * a[~half] + 0.5 / 3  # unsure where it is often wrong
+    b[half] = 0.5 * b[half] + 0.5 / 3
+    chosen = choose_combination([a, b], true, ["a", "b"])
+    best_member = max(chosen["candidates"][f"member {n}"]["accuracy"] for n in "ab")
+    assert chosen["choice"] in ("mean", "weighted", "class_weighted")
+    assert chosen["candidates"][chosen["choice"]]["accuracy"] > best_member
+    w = member_weights([a, a * 0 + 1 / 3], true)  # a uniform member gets (almost) no weight
+    assert w.sum() == pytest.approx(1) and w[0] > 0.9

@@ -93,6 +93,21 @@ def test_pairs_from_the_real_photos_are_balanced_and_seeded(photos):
     assert sum(not p.same for p in more) == 2 * 339 and Counter(p.kind for p in more)["hard"] > 339
 
 
+def test_hard_negatives_weighted_in_training_only(tmp_path, shoe_pairs, photos):
+    from toolkit.tasks.pairs.data import weight_hard
+
+    pairs = build_pairs(photos, seed=7)
+    weighted = weight_hard(pairs, 3, seed=7)
+    count, more = Counter(p.kind for p in pairs), Counter(p.kind for p in weighted)
+    assert more == {"positive": count["positive"], "hard": 3 * count["hard"], "easy": count["easy"]}
+    assert set(weighted) == set(pairs) and weight_hard(pairs, 1) == pairs
+    text = f"[s]\ntask = pairs\ndata = {shoe_pairs / 'train'}\n"
+    plain = load_pair_data(load_settings(_settings(tmp_path, text)).get("s"), progress=False)
+    heavy = load_pair_data(load_settings(_settings(tmp_path, text + "hard_weight = 2\n")).get("s"), progress=False)
+    assert heavy.valid == plain.valid  # validation is never weighted
+    assert Counter(p.kind for p in heavy.train)["hard"] == 2 * Counter(p.kind for p in plain.train)["hard"]
+
+
 def test_person_level_split_never_shares_a_person(tmp_path, shoe_pairs):
     spec = load_settings(_settings(tmp_path, f"[s]\ntask = pairs\ndata = {shoe_pairs / 'train'}\n")).get("s")
     data = load_pair_data(spec, progress=False)
@@ -154,6 +169,13 @@ def test_both_approaches_are_exported_and_compared(pairs_project):
             assert (out / approach / name).stat().st_size > 0, (approach, name)
         summary = metrics["approaches"][approach]
         assert set(summary["kinds"]) == {"positive", "hard", "easy"} and summary["groups"]
+        assert {"positive/m", "hard/m", "easy/m", "positive/w", "hard/w", "easy/w"} <= set(summary["kinds_by_group"])
+    from toolkit.tasks import get_task
+
+    card = dict(get_task("pairs").card_rows({}, metrics))
+    assert set(card) == {"group m by kind", "group w by kind"}
+    hard_w = metrics["kinds_by_group"]["hard/w"]
+    assert f"hard {hard_w['accuracy']:.1%} (n={hard_w['n']})" in card["group w by kind"]
     served = json.loads((out / "model.json").read_text())
     assert served["approach"] == metrics["chosen"] and not (out / "export.pkl").exists()
 

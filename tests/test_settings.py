@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from toolkit.core.errors import SettingsError
+from toolkit.core.errors import SettingsError, ToolkitError
 from toolkit.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_values_are_typed(tmp_path):
     ("[x]\ncolour = red\n", "settings [x] has unknown key 'colour'"),
     ("[DEFAULT]\nepoch = 3\n[x]\n", "settings [DEFAULT] has unknown key 'epoch'"),
     ("[x]\nepochs = many\n", "settings [x] epochs = 'many'"),
-    ("[x]\nepochs = 0\n", "settings [x] epochs = '0': must be a positive whole number"),
+    ("[x]\nepochs = -1\n", "settings [x] epochs = '-1': must be 0 or more"),
     ("[x]\narch = resnet9000\n", "settings [x] arch = 'resnet9000': unknown backbone 'resnet9000'"),
     ("[x]\npretrained = maybe\n", "settings [x] pretrained = 'maybe': use yes or no"),
     ("[x]\nsplit = halves\n", "settings [x] split = 'halves'"),
@@ -105,8 +105,10 @@ def test_wd_and_dropout_are_sweepable_member_keys(tmp_path):
     assert parse_ensemble("wd=0.1 dropout=0.25 | size=100") == [{"wd": 0.1, "dropout": 0.25}, {"size": 100}]
 
 
-def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small):
-    """A real fastai fit (cached frozen head, then unfrozen) runs with the settings' wd and dropout."""
+@pytest.mark.parametrize("epochs", [1, 0])
+def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small, epochs):
+    """A real fastai fit (cached frozen head, then unfrozen) runs with the settings' wd and dropout;
+    epochs = 0 is the quick mode: the head on cached features only."""
     from conftest import TINY_CLASSES, copy_subset
     from fastai.callback.core import Callback
     from torch import nn
@@ -117,8 +119,9 @@ def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small):
     from toolkit.tasks import get_task
 
     copy_subset(clothing_small / "train", tmp_path / "data", TINY_CLASSES, 6)
-    (tmp_path / "settings.ini").write_text("[x]\ndata = data\nsize = 32\nbs = 8\nepochs = 1\nfreeze_epochs = 1\n"
-                                           "lr = 1e-3\nlr_find_iters = 2\nwd = 0.123\ndropout = 0.3\n")
+    (tmp_path / "settings.ini").write_text(f"[x]\ndata = data\nsize = 32\nbs = 8\nepochs = {epochs}\n"
+                                           "freeze_epochs = 1\nlr = 1e-3\nlr_find_iters = 2\nwd = 0.123\n"
+                                           "dropout = 0.3\n")
     spec = load_settings(tmp_path / "settings.ini").get("x")
     dataset = get_task(spec.task).load_data(spec, progress=False)
     backbone = get_backbone(spec.arch)
@@ -131,5 +134,10 @@ def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small):
             ps = [m.p for m in self.learn.model.modules() if isinstance(m, nn.Dropout)]
             seen.append(({h["wd"] for h in self.learn.opt.hypers}, ps))
 
-    fit_learner(learn, spec, tmp_path, log=lambda line: None, progress=False, callbacks=[Record()])
-    assert seen == [({0.123}, [0.15, 0.3])] * 2  # the cached head's fit, then the unfrozen one
+    fitted = fit_learner(learn, spec, tmp_path, log=lambda line: None, progress=False, callbacks=[Record()])
+    assert seen == [({0.123}, [0.15, 0.3])] * (1 + epochs)  # the cached head's fit, then the unfrozen one
+    assert len(fitted["values"]) == 1 + epochs
+    assert learn.model(dls.one_batch()[0]).shape == (8, len(TINY_CLASSES))
+    if not epochs:
+        with pytest.raises(ToolkitError, match="nothing would train"):
+            fit_learner(learn, spec.with_overrides(freeze_epochs=0), tmp_path, log=lambda line: None, progress=False)

@@ -19,6 +19,7 @@ import torch
 
 from toolkit.core.backbones import body_head_split, has_fastai_head, set_head_dropout
 from toolkit.core.config import ClassifierSpec
+from toolkit.core.errors import ToolkitError
 from toolkit.core.metrics import pyplot
 from toolkit.core.progress import progress_iter
 from toolkit.data import Dataset
@@ -192,6 +193,8 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     best = SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)
     extra_cbs = [CSVLogger(fname="history.csv", append=True), history, best, *callbacks]
     fit_started = time.time()
+    if spec.epochs + spec.freeze_epochs == 0:
+        raise ToolkitError(f"[{spec.name}] epochs = 0 and freeze_epochs = 0: nothing would train; set either above 0")
     learn.wd = spec.wd  # settings wd and dropout (fastai's ps), also for the cached head below
     set_head_dropout(learn.model, spec.dropout)
     cached = spec.pretrained and spec.freeze_epochs > 0 and has_fastai_head(learn.model)
@@ -207,9 +210,10 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
         best.best = float(values[-1][2])  # this head on the frozen body = the full model's accuracy
         learn.save("best")
         log(f"frozen phase: head on cached body features, valid accuracy {best.best:.2%}")
-        learn.unfreeze()
-        learn.fit_one_cycle(spec.epochs, slice(lr / 2 / spec.lr_mult, lr / 2), pct_start=0.3, div=5.0,
-                            cbs=extra_cbs)
+        if spec.epochs:  # epochs = 0: quick mode, the head on cached features is the model
+            learn.unfreeze()
+            learn.fit_one_cycle(spec.epochs, slice(lr / 2 / spec.lr_mult, lr / 2), pct_start=0.3, div=5.0,
+                                cbs=extra_cbs)
     elif spec.pretrained and spec.freeze_epochs:  # not body + fastai head (the siamese pair model)
         learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, lr_mult=spec.lr_mult,
                         cbs=extra_cbs)
@@ -220,6 +224,6 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
         learn.fit_one_cycle(spec.epochs + spec.freeze_epochs, lr, cbs=extra_cbs)
     fit_seconds = time.time() - fit_started
     (out / "best.pth").unlink(missing_ok=True)  # the best epoch is loaded into learn.model
-    values += [list(v) for v in learn.recorder.values]
+    values += [list(v) for v in getattr(learn.recorder, "values", [])] if spec.epochs or not cached else []
     return {"lr": lr, "lr_find": found, "history": history, "fit_seconds": fit_seconds, "values": values}
 

@@ -285,7 +285,8 @@ GENERIC_KEYS: dict[str, Key] = {
     "arch": Key(parse_arch, "efficientnet_lite0", "the backbone (see `toolkit backbones`)", trains=True),
     "pretrained": Key(parse_bool, "yes", "start from ImageNet weights", trains=True),
     "size": Key(parse_positive_int, "288", "image size in pixels (square) for training", trains=True),
-    "epochs": Key(parse_positive_int, "2", "unfrozen epochs of fine_tune", trains=True),
+    "epochs": Key(parse_non_negative_int, "2", "unfrozen epochs of fine_tune (0: quick mode, the head alone on "
+                  "cached body features, the fastest honest model)", trains=True),
     "freeze_epochs": Key(parse_non_negative_int, "8",
                          "frozen-phase epochs: the head alone, on cached body features (cheap)", trains=True),
     "bs": Key(parse_positive_int, "32", "batch size", trains=True),

@@ -1,5 +1,8 @@
 """Ensembles: members that differ in image size and/or backbone, each trained like any classifier,
-combined by averaging probabilities (`mean`) or per class by validation recall (`class_weighted`).
+combined by averaging probabilities (`mean`), per class by validation recall (`class_weighted`), or
+(`auto`, the default) by whichever of those, log-loss-optimal member weights or the best member
+alone wins out of fold on validation (`choose_combination`): an auto ensemble never loses to its
+best member on cross-fitted validation figures, and metrics.json's `combination` says why.
 
     models/NAME/members/<member>/  a complete model folder per member (model.safetensors, model.json,
                                    metrics.json, plots), trained by `train.train` on the same split
@@ -44,7 +47,9 @@ from toolkit.tasks.registry import register_wrapper
 
 MEMBERS_DIR = "members"
 CROSS_FIT_FOLDS = 2
-ENSEMBLE_MODES = ("mean", "class_weighted")
+ENSEMBLE_MODES = ("auto", "mean", "class_weighted")
+CHOICE_FOLDS = 5
+LOSS_MARGIN = 0.02  # at equal out-of-fold accuracy, a combination must cut the log loss by 2% to be chosen
 
 def parse_ensemble(value: str) -> list[dict[str, Any]]:
     """'size=75 | size=100 arch=resnet34' -> [{'size': 75}, {'size': 100, 'arch': 'resnet34'}]:
@@ -113,7 +118,7 @@ def combine(member_probs: Sequence[np.ndarray], mode: str, weights: np.ndarray |
     stack = np.asarray(member_probs, dtype=np.float64)
     if mode == "mean":
         return stack.mean(axis=0)
-    if mode != "class_weighted":
+    if mode not in ("class_weighted", "auto"):  # auto: the chosen (members, classes) weights
         raise ValueError(f"unknown ensemble mode {mode!r}")
     if weights is None or weights.shape != (stack.shape[0], stack.shape[2]):
         raise ValueError("class_weighted needs (members, classes) weights")
@@ -146,6 +151,92 @@ def cross_fitted(member_probs: Sequence[np.ndarray], true_idx: np.ndarray, n_cla
         weights = class_weights([confusion(true_idx[fit], p[fit].argmax(axis=1), n_classes) for p in stack])
         out[score] = combine(stack[:, score], "class_weighted", weights)
     return out
+
+
+def log_loss(probs: np.ndarray, true_idx: np.ndarray) -> float:
+    """Mean negative log probability of the true class (probabilities clipped at 1e-7)."""
+    return float(-np.log(np.clip(probs[np.arange(len(true_idx)), true_idx], 1e-7, 1)).mean())
+
+
+def member_weights(member_probs: Sequence[np.ndarray], true_idx: np.ndarray) -> np.ndarray:
+    """Log-loss-optimal weights, one per member (non-negative, summing to 1: a softmax of free
+    parameters, fitted with scipy's L-BFGS), for the weighted mean of the members' probabilities."""
+    from scipy.optimize import minimize
+
+    stack = np.asarray(member_probs, dtype=np.float64)
+    true_p = stack[:, np.arange(len(true_idx)), true_idx]  # (members, N)
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = np.exp(theta - theta.max())
+        w /= w.sum()
+        mix = np.clip(w @ true_p, 1e-7, None)
+        grad_w = -(true_p / mix).mean(axis=1)  # d loss / d w
+        return float(-np.log(mix).mean()), w * (grad_w - w @ grad_w)  # through the softmax
+
+    theta = minimize(loss, np.zeros(len(stack)), jac=True, method="L-BFGS-B").x
+    w = np.exp(theta - theta.max())
+    return w / w.sum()
+
+
+def _candidate_weights(kind: str, stack: np.ndarray, true_idx: np.ndarray, n_classes: int) -> np.ndarray:
+    """(members, classes) weights of one candidate combination, fitted on (stack, true_idx)."""
+    n_members = len(stack)
+    if kind.startswith("member:"):
+        weights = np.zeros((n_members, n_classes))
+        weights[int(kind.split(":")[1])] = 1
+        return weights
+    if kind == "mean":
+        return np.full((n_members, n_classes), 1 / n_members)
+    if kind == "weighted":
+        return np.repeat(member_weights(stack, true_idx)[:, None], n_classes, axis=1)
+    return class_weights([confusion(true_idx, p.argmax(axis=1), n_classes) for p in stack])  # class_weighted
+
+
+def choose_combination(member_probs: Sequence[np.ndarray], true_idx: np.ndarray, names: Sequence[str],
+                       folds: int = CHOICE_FOLDS, seed: int = 42) -> dict[str, Any]:
+    """The combination that does not lose to the best member, chosen out of fold.
+
+    Candidates: each member alone, the mean, log-loss-optimal member weights (`weighted`) and
+    per-class recall weights (`class_weighted`). Every candidate is cross-fitted: each stratified
+    fold is combined with weights fitted on the other folds. The best member (out-of-fold accuracy,
+    then log loss) is the baseline; a combination replaces it only when its out-of-fold accuracy is
+    higher, or equal with a log loss lower by LOSS_MARGIN. The chosen candidate's weights are then
+    refitted on all of validation. Returns choice, reason, weights (members, classes), candidates
+    (out-of-fold accuracy and log loss of each) and `probs` (the chosen candidate, out of fold)."""
+    stack = np.asarray(member_probs, dtype=np.float64)
+    n_classes = stack.shape[2]
+    fold = fold_of(true_idx, folds, seed)
+    kinds = [f"member:{i}" for i in range(len(stack))] + ["mean", "weighted", "class_weighted"]
+    oof: dict[str, np.ndarray] = {}
+    for kind in kinds:
+        out = np.zeros(stack.shape[1:])
+        for k in range(folds):
+            fit, score = fold != k, fold == k
+            if score.any():
+                out[score] = combine(stack[:, score], "auto", _candidate_weights(kind, stack[:, fit],
+                                                                                 true_idx[fit], n_classes))
+        oof[kind] = out
+
+    def label(kind: str) -> str:
+        return f"member {names[int(kind.split(':')[1])]}" if kind.startswith("member:") else kind
+
+    scores = {kind: {"accuracy": float((p.argmax(axis=1) == true_idx).mean()), "log_loss": log_loss(p, true_idx)}
+              for kind, p in oof.items()}
+    best_member = min(kinds[:len(stack)], key=lambda k: (-scores[k]["accuracy"], scores[k]["log_loss"]))
+    base = scores[best_member]
+    better = [k for k in kinds[len(stack):] if scores[k]["accuracy"] > base["accuracy"]
+              or (scores[k]["accuracy"] == base["accuracy"]
+                  and scores[k]["log_loss"] < base["log_loss"] * (1 - LOSS_MARGIN))]
+    chosen = min(better, key=lambda k: (-scores[k]["accuracy"], scores[k]["log_loss"])) if better else best_member
+    b = f"best member {label(best_member)} ({base['accuracy']:.2%}, log loss {base['log_loss']:.3f})"
+    if chosen == best_member:
+        reason = f"no combination beat the {b} out of fold; using that member alone"
+    else:
+        c = scores[chosen]
+        reason = f"{chosen} ({c['accuracy']:.2%}, log loss {c['log_loss']:.3f}) beat the {b} out of fold"
+    return {"choice": label(chosen), "reason": reason, "folds": folds,
+            "weights": _candidate_weights(chosen, stack, true_idx, n_classes), "probs": oof[chosen],
+            "candidates": {label(k): v for k, v in scores.items()}}
 
 
 class EnsemblePredictor:
@@ -211,7 +302,8 @@ class EnsemblePredictor:
 
 
 def ensemble_meta(spec: ClassifierSpec, classes: list[str], members: dict[str, ImagePredictor],
-                  weights: np.ndarray, data: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+                  weights: np.ndarray, data: dict[str, Any], extra: dict[str, Any],
+                  chosen: dict[str, Any] | None = None) -> dict[str, Any]:
     """model.json's content for an ensemble of the trained `members` (in models/NAME/members/)."""
     return {"name": spec.name, "title": spec.display_title, "description": spec.description, "classes": classes,
             "size": max(m.size for m in members.values()), "group": spec.group, "data": data, **extra,
@@ -221,7 +313,8 @@ def ensemble_meta(spec: ClassifierSpec, classes: list[str], members: dict[str, I
                              "size": m.size} for name, m in members.items()],
                 "weights": {name: {c: round(float(w), 6) for c, w in zip(classes, row)}
                             for name, row in zip(members, weights)},
-                "weights_from": "validation recall per class, all validation images"}}
+                "weights_from": (f"{chosen['choice']}, fitted on all validation images: {chosen['reason']}"
+                                 if chosen else "validation recall per class, all validation images")}}
 
 
 def train_ensemble(inner: Task, spec: ClassifierSpec, data: Path | None = None, *, out: Path | None = None,
@@ -249,6 +342,10 @@ def train_ensemble(inner: Task, spec: ClassifierSpec, data: Path | None = None, 
     stack = list(probs.values())
     member_metrics = {name: inner.metrics(p, labels, classes, files, spec.group) for name, p in probs.items()}
     weights = class_weights([np.array(m["confusion"]) for m in member_metrics.values()])
+    chosen = choose_combination(stack, true_idx, list(probs), seed=spec.seed)
+    auto = spec.ensemble_mode == "auto"
+    if auto:
+        weights = chosen["weights"]
     modes = {"mean": inner.metrics(combine(stack, "mean"), labels, classes, files, spec.group),
              "class_weighted": inner.metrics(cross_fitted(stack, true_idx, len(classes), seed=spec.seed),
                                              labels, classes, files, spec.group)}
@@ -257,14 +354,19 @@ def train_ensemble(inner: Task, spec: ClassifierSpec, data: Path | None = None, 
     for stale in (WEIGHTS_FILE, "export.pkl"):  # a single model trained here before
         (folder / stale).unlink(missing_ok=True)
     artifacts.write_model(folder, None, ensemble_meta(spec, classes, predictors, weights, data_info,
-                                                      inner.model_meta(spec, dataset)), inner.name)
-    result = dict(modes[spec.ensemble_mode])
+                                                      inner.model_meta(spec, dataset), chosen if auto else None),
+                          inner.name)
+    result = dict(inner.metrics(chosen["probs"], labels, classes, files, spec.group) if auto
+                  else modes[spec.ensemble_mode])
     result.update({
         "name": spec.name, "task": inner.name, "ensemble_mode": spec.ensemble_mode, "members": member_metrics,
         "modes": {mode: {"accuracy": m["accuracy"], "per_class": m["per_class"]} for mode, m in modes.items()},
         "class_weighted_scoring": f"{CROSS_FIT_FOLDS}-fold cross-fitted on validation (weights never fitted "
                                   "on the images they score)",
         "weights": {name: dict(zip(classes, map(float, row))) for name, row in zip(predictors, weights)},
+        "combination": {"choice": chosen["choice"], "reason": chosen["reason"], "candidates": chosen["candidates"],
+                        "scoring": f"{chosen['folds']}-fold cross-fitted on validation (out of fold)",
+                        "used": auto},
         "n_train": dataset.n_train, "n_valid": dataset.n_valid, "data": str(dataset.root),
         "data_fingerprint": fingerprint,
     })
@@ -272,7 +374,7 @@ def train_ensemble(inner: Task, spec: ClassifierSpec, data: Path | None = None, 
     inner.plots(result, folder, f"{spec.name} ensemble ({spec.ensemble_mode})")
     summary = ", ".join(f"{name} {m['accuracy']:.2%}" for name, m in member_metrics.items())
     log(f"valid accuracy: members {summary}; ensemble mean {modes['mean']['accuracy']:.2%}, class_weighted "
-        f"{modes['class_weighted']['accuracy']:.2%} (cross-fitted); wrote {folder}")
+        f"{modes['class_weighted']['accuracy']:.2%} (cross-fitted); auto: {chosen['reason']}; wrote {folder}")
     return result
 
 
@@ -301,9 +403,11 @@ class EnsembleTask(Task):
     keys = {
         "ensemble": Key(parse_ensemble, "", "members of an ensemble, '|'-separated, each KEY=VALUE overrides of "
                         "this section's " + ", ".join(MEMBER_KEYS) + " (e.g. size=75 | size=100); empty: one model"),
-        "ensemble_mode": Key(choice(*ENSEMBLE_MODES), "class_weighted",
-                             "how an ensemble combines probabilities: mean, or class_weighted (per class by "
-                             "each member's validation recall)"),
+        "ensemble_mode": Key(choice(*ENSEMBLE_MODES), "auto",
+                             "how an ensemble combines probabilities: auto (the mean, log-loss-optimal member "
+                             "weights or per-class weights, whichever beats the best member out of fold on "
+                             "validation, else that member alone), mean, or class_weighted (per class by each "
+                             "member's validation recall)"),
     }
 
     def __init__(self, inner: Task):
@@ -362,7 +466,7 @@ class EnsembleTask(Task):
         return [*self.inner.report_extra(metrics), *members_report(metrics)]
 
     def result_keys(self):
-        return (*self.inner.result_keys(), "ensemble_mode", "members", "modes")
+        return (*self.inner.result_keys(), "ensemble_mode", "members", "modes", "combination")
 
     def plot_names(self):
         return ("confusion_matrix.png",)
@@ -385,6 +489,8 @@ class EnsembleTask(Task):
     def card_rows(self, meta, metrics):
         block, members = meta.get("ensemble", {}), metrics.get("members", {})
         rows = [("ensemble", f"{len(block.get('members', []))} members, {block.get('mode', '?')}")]
+        if block.get("mode") == "auto" and metrics.get("combination"):
+            rows.append(("ensemble choice", metrics["combination"]["reason"]))
         rows += [(f"member {m['name']}", f"{m['arch']}, {m['size']} px"
                   + (f", validation {members[m['name']]['accuracy']:.1%}" if m["name"] in members else ""))
                  for m in block.get("members", [])]

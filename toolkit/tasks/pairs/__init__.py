@@ -50,6 +50,9 @@ class PairsTask(Task):
         "negatives": Key(parse_positive_int, "1", "task = pairs: negative pairs per positive pair"),
         "hard_share": Key(parse_fraction, "0.5", "task = pairs: share of negatives that are hard (the same person's "
                           "other pairs); the rest are easy (other people)"),
+        "hard_weight": Key(parse_positive_int, "1", "task = pairs: training weight of hard negatives (each hard "
+                           "training pair seen this many times an epoch: the model must tell pairs, not people, "
+                           "apart); validation is unweighted"),
     }
 
     def train(self, spec, data=None, *, out=None, progress=True, log=print, callbacks=()):
@@ -58,7 +61,18 @@ class PairsTask(Task):
         return train_pairs(spec, data, out=out, progress=progress, log=log, callbacks=callbacks)
 
     def result_keys(self) -> tuple[str, ...]:
-        return ("accuracy", "n", "groups", "kinds", "chosen", "approaches")
+        return ("accuracy", "n", "groups", "kinds", "kinds_by_group", "chosen", "approaches")
+
+    def card_rows(self, meta: dict[str, Any], metrics: dict[str, Any]) -> list[tuple[str, str]]:
+        """Per group (e.g. m / w): validation accuracy on positives, hard and easy negatives."""
+        by = metrics.get("kinds_by_group", {})
+        groups = sorted({key.split("/", 1)[1] for key in by if "/" in key})
+
+        def row(group: str) -> str:
+            cells = [(kind, by[f"{kind}/{group}"]) for kind in ("positive", "hard", "easy") if f"{kind}/{group}" in by]
+            return ", ".join(f"{kind} {r['accuracy']:.1%} (n={r['n']})" for kind, r in cells)
+
+        return [(f"group {group} by kind", row(group)) for group in groups]
 
     def predictor(self, folder: Path, meta: dict[str, Any], *, device=None, optimize=False):
         from toolkit.tasks.pairs.predictor import PairPredictor

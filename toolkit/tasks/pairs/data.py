@@ -154,6 +154,16 @@ def split_people(photos: Sequence[Photo], valid_pct: float, seed: int) -> set[st
 
 
 
+def weight_hard(pairs: Sequence[Pair], weight: int, seed: int = 42) -> list[Pair]:
+    """Training pairs with every hard negative repeated `weight` times (a loss weight by
+    repetition), shuffled again; weight 1 leaves them as they are."""
+    if weight <= 1:
+        return list(pairs)
+    out = [p for p in pairs for _ in range(weight if p.kind == "hard" else 1)]
+    random.Random(seed).shuffle(out)
+    return out
+
+
 @dataclass
 class PairData:
     """A pairs data set: photos, the held-out people, and the train and valid pairs."""
@@ -212,7 +222,8 @@ def load_pair_data(spec: ClassifierSpec, data: Path | None = None, *, progress: 
     if set(p.person for p in train_photos) & set(p.person for p in valid_photos):
         raise ToolkitError(f"[{spec.name}] split {spec.split} puts a person in both train and valid; "
                            "use split = auto (by person)")
-    train = build_pairs(train_photos, spec.negatives, spec.hard_share, spec.seed)
+    train = weight_hard(build_pairs(train_photos, spec.negatives, spec.hard_share, spec.seed),
+                        spec.options.get("hard_weight", 1), spec.seed)
     valid = build_pairs(valid_photos, spec.negatives, spec.hard_share, spec.seed + 1)
     if not train or not valid:
         raise ToolkitError(f"[{spec.name}] {root}: {len(train)} train and {len(valid)} valid pairs; "

@@ -26,7 +26,8 @@ from toolkit.tasks.pairs.predictor import PairPredictor, score_pairs
 
 
 def _summary(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("accuracy", "n", "groups", "kinds", "learner_accuracy", "fit_seconds",
+    return {k: metrics[k] for k in ("accuracy", "n", "groups", "kinds", "kinds_by_group", "learner_accuracy",
+                                    "fit_seconds",
                                     "wall_seconds", "lr") if k in metrics}
 
 
