@@ -15,6 +15,7 @@ launch needs mpirun / oneCCL. On CUDA the same code gets NCCL, one GPU per proce
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,7 @@ def init() -> Any:
         return None
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not _cuda())  # Accelerate takes a torchrun launch on CPUs as MULTI_CPU only when told
 
 
 def barrier() -> None:
@@ -156,11 +157,13 @@ def launch(n: int, argv: Sequence[str], log=print) -> int:
     errors, failing = [], False
     assert proc.stderr is not None
     for line in proc.stderr:
-        line = line.rstrip("\n")
+        line = re.sub(r"^\[rank\d+\]:\s?", "", line.rstrip("\n"))
         if line.startswith("error: "):
             errors.append(line)
             continue
-        failing = failing or line.startswith("Traceback") or "ChildFailedError" in line
+        if re.match(r"^[\w.]+(Error|Exception): ", line):
+            errors.append(f"error: {line[:300]}")
+        failing = failing or "Traceback" in line or "ChildFailedError" in line
         if not failing and line and not line.startswith(_NOISE) and "torch.distributed" not in line:
             log(line)
     code = proc.wait()

@@ -242,6 +242,7 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
 
     For a body + fastai head, the frozen phase trains the head on cached body features
     (`feature_learner`); the unfrozen phase is then fine_tune's second half, unchanged."""
+    import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, also in ranks that skip lr_find)
     from fastai.callback.progress import CSVLogger
     from fastai.callback.tracker import SaveModelCallback
 

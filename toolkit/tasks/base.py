@@ -132,7 +132,8 @@ class Task:
         fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks)
         if not distributed.is_main():  # rank 0 alone scores and writes models/NAME/
             return {"name": spec.name, "world_size": world, "rank": distributed.rank()}
-        probs = learn.get_preds(ds_idx=1)[0].numpy()
+        with distributed.single_process():  # fastai would gather predictions from ranks that have left
+            probs = learn.get_preds(ds_idx=1)[0].numpy()
         valid_files, valid_labels = dataset.subset(valid=True)
         metrics = self.metrics(probs, valid_labels, dataset.classes, valid_files, spec.group)
         fingerprint = data_fingerprint(dataset)
