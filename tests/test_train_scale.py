@@ -59,9 +59,46 @@ def test_head_only_retrain_reuses_cached_features_and_keeps_the_previous_accurac
 
 
 def test_head_only_is_refused_in_one_line_where_it_cannot_run(tmp_path):
-    (tmp_path / "settings.ini").write_text("[p]\ntask = pairs\n[s]\n")
+    from toolkit.core.errors import ToolkitError
+    from toolkit.stages.train import retrain_head
+
+    settings = load_settings(_write(tmp_path, "[p]\ntask = pairs\n[s]\n"))
     for name, expected in (("p", "task = pairs does not support toolkit train --head-only"),
                            ("s", "no trained model in")):
-        result = run_cli("train", name, "--head-only", cwd=tmp_path)
+        with pytest.raises(ToolkitError) as error:
+            retrain_head(settings.get(name), progress=False, log=lambda line: None, out=tmp_path / name)
+        assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_two_processes_train_as_well_as_one_and_rank_zero_alone_writes(project_copy, trained_project):
+    one = json.loads((trained_project / "models" / "tiny" / "metrics.json").read_text())
+    folder = project_copy / "models" / "tiny"
+    shutil.rmtree(folder)
+    result = run_cli("train", "tiny", "--processes", "2", "--json", "--quiet", cwd=project_copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = json.loads(result.stdout)  # one JSON document: rank 1 prints nothing
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert printed["world_size"] == 2 and metrics["world_size"] == 2
+    assert metrics["bs_per_process"] == 16 and metrics["global_bs"] == 32
+    assert abs(metrics["accuracy"] - one["accuracy"]) <= 0.125, (metrics["accuracy"], one["accuracy"])  # 3 of 24
+    history = (folder / "history.csv").read_text().splitlines()
+    ones = (trained_project / "models" / "tiny" / "history.csv").read_text().splitlines()
+    assert len(history) == len(ones)  # the CSV log written once (rank 0), not once per process
+    assert sorted(p.name for p in folder.glob(".*.tmp")) == [] and not (folder / "best.pth").exists()
+    assert ImagePredictor(folder).classes == TINY_CLASSES
+
+
+def test_distributed_and_head_only_are_refused_in_one_line_where_unsupported(tmp_path):
+    _write(tmp_path, "[p]\ntask = pairs\n")
+    for flag, expected in (("--processes", "task = pairs does not support toolkit train --processes N"),):
+        result = run_cli("train", "p", flag, "2", cwd=tmp_path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+    result = run_cli("train", "p", "--head-only", "--processes", "2", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "error: " in result.stderr
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "settings.ini"
+    path.write_text(text)
+    return path
