@@ -152,7 +152,6 @@ def launch(n: int, argv: Sequence[str], log=print) -> int:
     lines are forwarded without the launcher's own chatter, and a failure ends in one line."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    env["TOOLKIT_LAUNCHED"] = "1"
     proc = subprocess.Popen(launch_command(n, argv), stderr=subprocess.PIPE, text=True, env=env)
     errors, failing = [], False
     assert proc.stderr is not None
