@@ -59,5 +59,5 @@ def test_tasks_command_lists_kinds_as_one_json_document(tmp_path):
     result = run_cli("tasks", "--json", cwd=tmp_path)
     assert result.returncode == 0 and result.stderr == ""
     rows = {row["task"]: row for row in json.loads(result.stdout)}
-    assert rows["pairs"]["refuses"] == ["clean", "ensemble", "explain", "tta"]
+    assert rows["pairs"]["refuses"] == ["clean", "distributed", "ensemble", "explain", "head_only", "tta"]
     assert "hierarchy" in rows["hierarchical"]["keys"]

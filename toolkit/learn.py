@@ -109,7 +109,9 @@ def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split,
     cheaper) and the head learns on exactly the features it will be served with. The statistics
     stay through the unfrozen phase too unless `keep_bn_stats` is off
     (`callbacks.PretrainedBatchNormStats`). Channels-last memory (fastai's ChannelsLast) makes
-    convolutions about 1.5x faster on CPUs."""
+    convolutions about 1.5x faster on CPUs. On CUDA: mixed precision (bf16 where supported, else fp16
+    with loss scaling), the same channels-last."""
+    import fastai.callback.fp16  # noqa: F401  (to_fp16, to_bf16)
     from fastai.callback.channelslast import ChannelsLast
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
@@ -124,6 +126,10 @@ def make_learner(dls, model, out: Path, *, splitter: Callable = body_head_split,
         learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
     if pretrained:
         learn.freeze()
+    if getattr(dls, "device", None) is not None and torch.device(dls.device).type == "cuda":
+        # mixed precision on GPUs (fp32 master weights, so the exported weights stay fp32); on CPUs
+        # bf16 training gained nothing over channels-last (BENCHMARKS.md), so fp32 there
+        learn = learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
     return learn
 
 
@@ -144,11 +150,62 @@ def pooled_features(body, dl, *, flip: bool = False, progress: bool = False, lab
     device = next(body.parameters()).device
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(device)):
         for xb, yb in progress_iter(dl, len(dl), label, progress):
-            x = torch.as_tensor(xb.flip(3) if flip else xb).contiguous(memory_format=torch.channels_last)
+            x = torch.as_tensor(xb.flip(3) if flip else xb).to(device).contiguous(memory_format=torch.channels_last)
             fmap = body(x).float()
-            feats.append(torch.cat([fmap.amax(dim=(2, 3)), fmap.mean(dim=(2, 3))], 1))
-            targets.append(torch.as_tensor(yb))
+            feats.append(torch.cat([fmap.amax(dim=(2, 3)), fmap.mean(dim=(2, 3))], 1).cpu())
+            targets.append(torch.as_tensor(yb).cpu())
     return torch.cat(feats), torch.cat(targets)
+
+
+def image_features(body, files: Sequence[Path], size: int, mean: Sequence[float], std: Sequence[float], *,
+                   bs: int = 64, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled body features of image files, plain and mirrored, (N, 2 * n_features) each: the files
+    squished and normalised as the predictor does (`load_squished` + `to_batch`), decoded a batch at
+    a time so memory stays bounded."""
+    from toolkit.core.images import load_squished, to_batch
+
+    def batches():
+        for start in range(0, len(files), bs):
+            chunk = files[start:start + bs]
+            yield to_batch([load_squished(f, size) for f in chunk], mean, std), torch.zeros(len(chunk))
+
+    n_batches = (len(files) + bs - 1) // bs
+    plain, _ = pooled_features(body, _Sized(batches, n_batches), progress=progress, label="body features")
+    flip, _ = pooled_features(body, _Sized(batches, n_batches), flip=True, progress=progress,
+                              label="body features (mirrored)")
+    return plain.numpy(), flip.numpy()
+
+
+class _Sized:
+    """An iterable of batches with a length (for the progress bar)."""
+
+    def __init__(self, make, n: int):
+        self.make, self.n = make, n
+
+    def __iter__(self):
+        return iter(self.make())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def head_learner(head, x_train, y_train, x_valid, y_valid, bs: int, out: Path, loss_func, *, progress: bool = True):
+    """A fastai Learner that trains the head's layers after pooling (`head[2:]`) on pooled features."""
+    import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, lr_find)
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    from torch.utils.data import TensorDataset
+
+    train_ds = TensorDataset(torch.as_tensor(x_train), torch.as_tensor(y_train))
+    dls = DataLoaders(DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs),
+                      DataLoader(TensorDataset(torch.as_tensor(x_valid), torch.as_tensor(y_valid)), bs=bs * 4),
+                      device=torch.device("cpu"))
+    learn = Learner(dls, head[2:], loss_func=loss_func, metrics=accuracy, path=out, model_dir=".")
+    if not progress:
+        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+    return learn
 
 
 def feature_learner(learn, out: Path, *, progress: bool = True):
@@ -161,11 +218,19 @@ def feature_learner(learn, out: Path, *, progress: bool = True):
     from fastai.metrics import accuracy
     from torch.utils.data import TensorDataset
 
+    from toolkit import distributed
+
     body, head = learn.model[0], learn.model[1]
     train_plain = learn.dls.train.new(shuffle=False, drop_last=False, after_batch=learn.dls.valid.after_batch)
-    x_train, y_train = pooled_features(body, train_plain, progress=progress, label="body features (train)")
-    x_flip, _ = pooled_features(body, train_plain, flip=True, progress=progress, label="body features (mirrored)")
-    x_valid, y_valid = pooled_features(body, learn.dls.valid, progress=progress, label="body features (valid)")
+
+    def features(dl, flip: bool, label: str):  # in several processes: each its slice, gathered
+        x, y = pooled_features(body, distributed.shard(dl), flip=flip, progress=progress, label=label)
+        n = len(dl.dataset)
+        return distributed.gather_rows(x, n), distributed.gather_rows(y, n)
+
+    x_train, y_train = features(train_plain, False, "body features (train)")
+    x_flip, _ = features(train_plain, True, "body features (mirrored)")
+    x_valid, y_valid = features(learn.dls.valid, False, "body features (valid)")
     train_ds = TensorDataset(torch.cat([x_train, x_flip]), torch.cat([y_train, y_train]))
     bs = learn.dls.train.bs
     dls = DataLoaders(DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs),
@@ -185,13 +250,18 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
 
     For a body + fastai head, the frozen phase trains the head on cached body features
     (`feature_learner`); the unfrozen phase is then fine_tune's second half, unchanged."""
+    import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, also in ranks that skip lr_find)
     from fastai.callback.progress import CSVLogger
     from fastai.callback.tracker import SaveModelCallback
 
+    from toolkit import distributed
+
+    main = distributed.is_main()
     history = _loss_history_callback()
-    (out / "history.csv").unlink(missing_ok=True)
+    if main:
+        (out / "history.csv").unlink(missing_ok=True)
     best = SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)
-    extra_cbs = [CSVLogger(fname="history.csv", append=True), history, best, *callbacks]
+    extra_cbs = [*([CSVLogger(fname="history.csv", append=True)] if main else []), history, best, *callbacks]
     fit_started = time.time()
     if spec.epochs + spec.freeze_epochs == 0:
         raise ToolkitError(f"[{spec.name}] epochs = 0 and freeze_epochs = 0: nothing would train; set either above 0")
@@ -199,31 +269,44 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     set_head_dropout(learn.model, spec.dropout)
     cached = spec.pretrained and spec.freeze_epochs > 0 and has_fastai_head(learn.model)
     frozen = feature_learner(learn, out, progress=progress) if cached else learn
-    found = find_lr(frozen, spec.lr_find_iters, out / "lr_find.png")
+    found = None
+    if main:  # lr_find runs once, in rank 0 alone
+        with distributed.single_process():
+            found = find_lr(frozen, spec.lr_find_iters, out / "lr_find.png")
+    found = distributed.broadcast(found)
     lr = spec.lr if spec.lr is not None else found["valley"]
     log(f"lr_find: valley {found['valley']:.2e}, slide {found['slide']:.2e}; using lr {lr:.2e}"
         + (" (set by lr / --lr)" if spec.lr is not None else ""))
     values = []
     if cached:
-        frozen.fit_one_cycle(spec.freeze_epochs, lr, cbs=[cb for cb in extra_cbs if cb is not best])
-        values = [list(v) for v in frozen.recorder.values]
+        if main:  # the head on in-memory features: rank 0 alone; DDP hands its weights to every rank
+            with distributed.single_process():
+                frozen.fit_one_cycle(spec.freeze_epochs, lr, cbs=[cb for cb in extra_cbs if cb is not best])
+                values = [list(v) for v in frozen.recorder.values]
+                learn.save("best")
+        values = distributed.broadcast(values)
         best.best = float(values[-1][2])  # this head on the frozen body = the full model's accuracy
-        learn.save("best")
         log(f"frozen phase: head on cached body features, valid accuracy {best.best:.2%}")
         if spec.epochs:  # epochs = 0: quick mode, the head on cached features is the model
             learn.unfreeze()
-            learn.fit_one_cycle(spec.epochs, slice(lr / 2 / spec.lr_mult, lr / 2), pct_start=0.3, div=5.0,
-                                cbs=extra_cbs)
+            with distributed.data_parallel(learn):
+                learn.fit_one_cycle(spec.epochs, slice(lr / 2 / spec.lr_mult, lr / 2), pct_start=0.3, div=5.0,
+                                    cbs=extra_cbs)
     elif spec.pretrained and spec.freeze_epochs:  # not body + fastai head (the siamese pair model)
-        learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, lr_mult=spec.lr_mult,
-                        cbs=extra_cbs)
+        with distributed.data_parallel(learn):
+            learn.fine_tune(spec.epochs, base_lr=lr, freeze_epochs=spec.freeze_epochs, lr_mult=spec.lr_mult,
+                            cbs=extra_cbs)
     elif spec.pretrained:  # freeze_epochs = 0: straight to fine_tune's unfrozen half
         learn.unfreeze()
-        learn.fit_one_cycle(spec.epochs, slice(lr / spec.lr_mult, lr), pct_start=0.3, div=5.0, cbs=extra_cbs)
+        with distributed.data_parallel(learn):
+            learn.fit_one_cycle(spec.epochs, slice(lr / spec.lr_mult, lr), pct_start=0.3, div=5.0, cbs=extra_cbs)
     else:
-        learn.fit_one_cycle(spec.epochs + spec.freeze_epochs, lr, cbs=extra_cbs)
+        with distributed.data_parallel(learn):
+            learn.fit_one_cycle(spec.epochs + spec.freeze_epochs, lr, cbs=extra_cbs)
     fit_seconds = time.time() - fit_started
-    (out / "best.pth").unlink(missing_ok=True)  # the best epoch is loaded into learn.model
+    distributed.barrier()  # every rank has loaded the best epoch before rank 0 removes its file
+    if main:
+        (out / "best.pth").unlink(missing_ok=True)  # the best epoch is loaded into learn.model
     values += [list(v) for v in getattr(learn.recorder, "values", [])] if spec.epochs or not cached else []
     return {"lr": lr, "lr_find": found, "history": history, "fit_seconds": fit_seconds, "values": values}
 

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stdout if asked else sys.stderr)
         return EXIT_OK if asked else EXIT_USAGE
     args = build_parser(name).parse_intermixed_args(rest)  # argparse exits 2 on usage errors
+    args.argv = argv  # the command line as given (train --processes relaunches it)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     warnings.filterwarnings("ignore")
     base.STDOUT = sys.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +13,59 @@ from toolkit.core.errors import ToolkitError
 
 @command("train", NAME, DATA, *(arg(flag, type=kind, help=f"override the section's {flag[2:].replace('-', '_')}")
                                for flag, kind in (("--arch", str), ("--size", int), ("--epochs", int),
-                                                  ("--freeze-epochs", int), ("--lr", float), ("--bs", int))))
+                                                  ("--freeze-epochs", int), ("--lr", float), ("--bs", int))),
+         arg("--head-only", action="store_true",
+             help="retrain only the head of the trained model on cached body features (seconds)"),
+         arg("--processes", type=int, default=1,
+             help="data-parallel training in N processes (Accelerate; gloo on CPU); --bs is per process"))
 def cmd_train(args: argparse.Namespace) -> int:
-    """Fine-tune the classifier and write models/NAME/."""
+    """Fine-tune the classifier and write models/NAME/ (--head-only: retrain its head only)."""
+    from toolkit import distributed
     from toolkit.tasks import task_of
 
     spec = spec_of(args).with_overrides(arch=args.arch, size=args.size, epochs=args.epochs, lr=args.lr,
                                       bs=args.bs, freeze_epochs=args.freeze_epochs)
     task = task_of(spec)
+    if args.processes < 1:
+        raise ToolkitError("train --processes needs 1 or more")
+    if args.head_only:
+        from toolkit.stages.train import retrain_head
+
+        if args.processes > 1 or distributed.world_size() > 1:
+            raise ToolkitError("train --head-only runs in one process (it takes seconds); leave out --processes")
+        metrics = retrain_head(spec, args.data, progress=not args.quiet, log=log)
+        previous = metrics.get("previous_accuracy")
+        return emit(args, {k: metrics[k] for k in (*task.result_keys(), "previous_accuracy", "features_computed",
+                                                   "features_reused", "wall_seconds") if k in metrics},
+                    [f"valid accuracy {metrics['accuracy']:.2%} on {metrics['n']}"
+                     + (f" (before: {previous:.2%})" if isinstance(previous, (int, float)) else "")
+                     + f"; head retrained in {metrics['wall_seconds']} s"])
+    if args.processes > 1 and distributed.world_size() == 1:
+        task.require("distributed", spec.name)
+        if args.data is not None and not Path(args.data).is_dir():
+            raise ToolkitError(f"training data folder {args.data} not found")
+        return distributed.launch(args.processes, _without_processes(getattr(args, "argv", sys.argv[1:])), log=log)
+    if distributed.world_size() > 1:
+        task.require("distributed", spec.name)
     metrics = task.train(spec, args.data, progress=not args.quiet, log=log)
-    return emit(args, {k: metrics[k] for k in task.result_keys() if k in metrics},
+    if not distributed.is_main():
+        return EXIT_OK  # rank 0 alone prints the result
+    return emit(args, {k: metrics[k] for k in (*task.result_keys(), "world_size") if k in metrics},
                 [f"valid accuracy {metrics['accuracy']:.2%} on {metrics['n']}; plots: "
                  + ", ".join(str(spec.models_dir / n) for n in task.plot_names())])
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    """The command line minus --processes N (the launched processes each run one share)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--processes":
+            skip = True
+        elif not item.startswith("--processes="):
+            out.append(item)
+    return out
 
 
 @command("sweep", NAME, DATA,

@@ -37,6 +37,8 @@ FEATURES = {
     "clean": "toolkit clean (rankings and decisions over class folders)",
     "check": "toolkit check (overfit one batch)",
     "tta": "evaluate --tta (flip test-time augmentation)",
+    "head_only": "toolkit train --head-only (the head retrained on cached body features)",
+    "distributed": "toolkit train --processes N / accelerate launch (data-parallel training)",
 }
 Log = Callable[[str], None]
 
@@ -98,14 +100,23 @@ class Task:
         features -> unfrozen fine-tuning -> pickle-free export, fastai export, metrics, plots."""
         from fastai.torch_core import set_seed
 
+        from toolkit import distributed
+
         started = time.time()
+        world = distributed.world_size()
+        if world > 1:  # launched by --processes N / accelerate launch: join the group; rank 0 speaks
+            self.require("distributed", spec.name)
+            distributed.init()
+            if not distributed.is_main():
+                progress, log = False, (lambda line: None)
         out = Path(out) if out is not None else spec.models_dir
         out.mkdir(parents=True, exist_ok=True)
         dataset = self.load_data(spec, data, progress=progress)
         log(f"data: {dataset.root} - {dataset.n_train} train, {dataset.n_valid} valid, "
             f"classes {count_by_class(dataset.labels)}")
         bad_report = out / "bad_images.json"
-        artifacts.write_json(bad_report, [{"file": str(b.path), "reason": b.reason} for b in dataset.bad])
+        if distributed.is_main():
+            artifacts.write_json(bad_report, [{"file": str(b.path), "reason": b.reason} for b in dataset.bad])
         if dataset.bad:
             log(f"warning: left out {len(dataset.bad)} unreadable file(s), listed in {bad_report}; "
                 f"first: {dataset.bad[0].reason}")
@@ -119,7 +130,10 @@ class Task:
         learn = make_learner(dls, model, out, pretrained=spec.pretrained, progress=progress,
                              keep_bn_stats=spec.body_bn == "frozen")
         fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks)
-        probs = learn.get_preds(ds_idx=1)[0].numpy()
+        if not distributed.is_main():  # rank 0 alone scores and writes models/NAME/
+            return {"name": spec.name, "world_size": world, "rank": distributed.rank()}
+        with distributed.single_process():  # fastai would gather predictions from ranks that have left
+            probs = learn.get_preds(ds_idx=1)[0].numpy()
         valid_files, valid_labels = dataset.subset(valid=True)
         metrics = self.metrics(probs, valid_labels, dataset.classes, valid_files, spec.group)
         fingerprint = data_fingerprint(dataset)
@@ -145,6 +159,7 @@ class Task:
             "wall_seconds": round(time.time() - started, 1),
             "train_images_per_second": round(dataset.n_train * epochs_run / fitted["fit_seconds"], 2),
             "history": [list(map(float, v)) for v in fitted["values"]],
+            "world_size": world, "bs_per_process": spec.bs, "global_bs": spec.bs * world,
         })
         artifacts.write_metrics(out, metrics)
         log(f"valid accuracy {metrics['accuracy']:.2%} on {metrics['n']} images; "

@@ -414,7 +414,7 @@ class EnsembleTask(Task):
         self.inner = inner
         self.name = inner.name
         self.summary = f"an ensemble of {inner.name} models"
-        self.supports = inner.supports - {"ensemble"}
+        self.supports = inner.supports - {"ensemble", "head_only", "distributed"}  # members train one by one
 
     @staticmethod
     def applies(spec: ClassifierSpec) -> bool:
