@@ -58,3 +58,58 @@ def test_label_next_prefers_uncertain_and_spread_out():
     chosen = explore.label_next(probs, emb, k=10, pool=40)
     assert len(chosen) == 10 and all(i < 40 for i in chosen)
     assert sum(i < 20 for i in chosen) <= 2  # copies are not picked again and again
+
+
+# ---------------------------------------------------------------- feedback back into the data
+
+
+@pytest.fixture
+def fb_project(tmp_path, clothing_small):
+    from conftest import copy_subset
+
+    copy_subset(clothing_small / "train", tmp_path / "scrape" / "f", ["pants", "shoes"], 6)
+    (tmp_path / "settings.ini").write_text("[f]\nsize = 64\n")
+    from toolkit.settings import load_settings
+
+    return load_settings(tmp_path / "settings.ini").get("f")
+
+
+def test_accepted_feedback_becomes_a_raw_file_with_provenance(fb_project, clothing_small):
+    import json
+
+    from PIL import Image
+    from test_clean import raw_hashes
+
+    from toolkit.core.errors import ToolkitError
+    from toolkit.stages.clean.decisions import DecisionLog
+    from toolkit.stages.clean.rank import list_raw_images
+    from toolkit.stages.feedback import feedback_status, import_feedback, reject_feedback, save_feedback
+
+    spec = fb_project
+    before = raw_hashes(spec.scrape_dir)
+    photos = sorted((clothing_small / "train" / "shoes").iterdir())[-2:]
+    save_feedback(spec.feedback_dir, Image.open(photos[0]), "shoes", "my shoe.jpg", {"shoes": 0.3, "pants": 0.7})
+    save_feedback(spec.feedback_dir, Image.open(photos[1]), "pants", "odd.jpg", {"shoes": 0.9, "pants": 0.1})
+    items = feedback_status(spec)
+    assert [i["status"] for i in items] == ["pending", "pending"]
+    log = DecisionLog(spec.cleaned_dir)
+    result = import_feedback(spec, items[0], log=log)
+    assert result["new"] and result["file"].startswith("shoes/fb-") and "my-shoe" in result["file"]
+    assert (spec.scrape_dir / result["file"]).read_bytes() == (spec.feedback_dir / items[0]["file"]).read_bytes()
+    line = json.loads((spec.scrape_dir / "manifest.jsonl").read_text().splitlines()[-1])
+    assert line["source"] == "dashboard" and line["label"] == "shoes" and line["file"] == result["file"]
+    assert line["status"] == "ok" and line["time"] and line["feedback_file"] == items[0]["file"]
+    assert log.state()[result["file"]]["action"] == "keep"
+    again = import_feedback(spec, items[0], log=log)  # the same image twice: imported once
+    assert not again["new"] and len((spec.scrape_dir / "manifest.jsonl").read_text().splitlines()) == 1
+    reject_feedback(spec, items[1], log=log)
+    assert [i["status"] for i in feedback_status(spec)] == ["accepted", "rejected"]
+    with pytest.raises(ToolkitError):
+        import_feedback(spec, {**items[1], "label": "../escape"}, log=log)
+    with pytest.raises(ToolkitError):
+        import_feedback(spec, {**items[1], "file": "../../settings.ini"}, log=log)
+    after = raw_hashes(spec.scrape_dir)
+    assert {k: v for k, v in after.items() if k in before} == before  # no existing raw file changed
+    assert set(after) - set(before) == {result["file"], "manifest.jsonl", ".lock"}
+    raw = list_raw_images(spec)  # the next cleaning and training see it
+    assert result["file"] in raw.rel and raw.labels[raw.rel.index(result["file"])] == "shoes"
