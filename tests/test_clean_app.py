@@ -113,3 +113,109 @@ def test_accepted_feedback_becomes_a_raw_file_with_provenance(fb_project, clothi
     assert set(after) - set(before) == {result["file"], "manifest.jsonl", ".lock"}
     raw = list_raw_images(spec)  # the next cleaning and training see it
     assert result["file"] in raw.rel and raw.labels[raw.rel.index(result["file"])] == "shoes"
+
+
+# ---------------------------------------------------------------- the widget, from Python
+
+
+@pytest.fixture(scope="module")
+def app_project(tmp_path_factory, clothing_small):
+    from conftest import copy_subset
+
+    root = tmp_path_factory.mktemp("app")
+    copy_subset(clothing_small / "train", root / "scrape" / "a", ["hat", "pants", "shoes", "t-shirt"], 25, seed=2)
+    (root / "settings.ini").write_text("[a]\nsize = 64\n")
+    from toolkit.settings import load_settings
+
+    return load_settings(root / "settings.ini").get("a")
+
+
+def test_widget_paints_first_then_ranks_in_the_background(app_project):
+    import time
+
+    from toolkit.ui.clean_app import CleanerWidget
+
+    spec = app_project
+    heard = []
+    start = time.perf_counter()
+    w = CleanerWidget(spec, size=64)
+    painted = time.perf_counter() - start
+    w.progress_text.observe(lambda c: heard.append(c["new"]), names="value")
+    assert painted < 1.0 and not w.ready.is_set() and w.progress in w.children
+    assert w.wait(240) and w.error.value == "", w.error.value
+    assert any("%" in h and "embedding" in h for h in heard), heard
+    assert w.tiles and w.map is not None and w.progress.layout.display == "none"
+    assert w.rankings.embeddings.shape[0] == len(w.raw.files)
+    # keys: select, delete, relabel, undo, next page
+    first = w.tiles[0].file
+    w.select(0)
+    w.press("d")
+    assert w.decisions.state()[first]["action"] == "delete" and w.selected == 1
+    second = w.tiles[1].file
+    target = next(i for i, c in enumerate(w.classes) if c != w.tiles[1].row["given"])
+    w.press(str(target + 1))
+    assert w.decisions.state()[second] == {**w.decisions.state()[second], "action": "relabel",
+                                           "label": w.classes[target]}
+    w.press("u")
+    assert second not in w.decisions.state() and first in w.decisions.state()
+    assert w.selected == 2  # a decision moves on to the next tile; undo stays
+    w.press("ArrowRight")
+    assert w.selected == 3 and "clean-selected" in w.tiles[3]._dom_classes
+    assert "clean-selected" not in w.tiles[2]._dom_classes
+    w.press("k")
+    assert w.decisions.state()[w.tiles[3].file]["action"] == "keep"
+    w.press("Enter")
+    assert w.page == 1
+    # the map: a box around one class's points filters the grid to exactly the images inside it
+    coords = w.map.coords
+    hats = np.array([i for i, c in enumerate(w.raw.labels) if c == "hat"])
+    x, y = coords[hats, 0], coords[hats, 1]
+    box = ((np.percentile(x, 10), np.percentile(x, 90)), (np.percentile(y, 10), np.percentile(y, 90)))
+    w.map.select_box(*box)
+    inside = {w.raw.rel[i] for i in explore.in_box(coords, *box)}
+    assert inside and {r["file"] for r in w.rows()} == inside and w.page == 0
+    assert f"{len(inside)} images picked" in w.map.count.value
+    w.map.bulk("delete")
+    assert all(w.decisions.state()[f]["action"] == "delete" for f in inside)
+    w.map.select(None)
+    assert len(w.rows()) == len(w.raw.files)
+    # more like this, and the larger view
+    w.show_similar(first)
+    rows = w.rows()
+    assert rows[0]["file"] == first and len(rows) > 12
+    sims = [r["similarity"] for r in rows[1:]]
+    assert sims == sorted(sims, reverse=True)
+    w.show_preview(first)
+    assert w.preview.layout.display == "flex" and len(w.preview_image.value) > 1000
+    w.clear_query()
+    w.view_select.value = "label next"
+    assert len(w.rows()) == min(len(w.raw.files), 48)
+    for view in ("label issues", "outliers", "duplicates", "top losses"):
+        w.view_select.value = view
+    assert w.error.value == ""
+
+
+def test_feedback_tab_accepts_and_rejects(app_project, clothing_small):
+    from PIL import Image
+
+    from toolkit.stages.clean.rank import list_raw_images, rank
+    from toolkit.stages.feedback import save_feedback
+    from toolkit.ui.clean_app import CleanerWidget
+
+    spec = app_project
+    photos = sorted((clothing_small / "train" / "pants").iterdir())[-2:]
+    for photo in photos:
+        save_feedback(spec.feedback_dir, Image.open(photo), "pants", photo.name, {"pants": 0.4, "hat": 0.6})
+    raw = list_raw_images(spec)
+    w = CleanerWidget(spec, raw=raw, rankings=rank(spec, raw=raw, size=64), size=64)
+    panel = w.feedback
+    assert panel.n_pending == 2 and "2 pending" in w.tabs.titles[1]
+    items = [i for i in __import__("toolkit.stages.feedback", fromlist=["x"]).feedback_status(spec)]
+    panel.accept(items[0], "pants")
+    assert "imported" in panel.message.value and w.error.value == ""
+    imported = [p for p in (spec.scrape_dir / "pants").iterdir() if p.name.startswith("fb-")]
+    assert len(imported) == 1
+    panel.reject(items[1])
+    assert panel.n_pending == 0 and "0 pending" in w.tabs.titles[1]
+    panel.similar(items[1])
+    assert w.error.value == "" and w.query and w.rows()[0]["file"].startswith("pants/")
