@@ -209,13 +209,13 @@ def test_feedback_tab_accepts_and_rejects(app_project, clothing_small):
     raw = list_raw_images(spec)
     w = CleanerWidget(spec, raw=raw, rankings=rank(spec, raw=raw, size=64), size=64)
     panel = w.feedback
-    assert panel.n_pending == 2 and "2 pending" in w.tabs.titles[1]
+    assert panel.n_pending == 2 and "(2)" in w.tabs.titles[1]
     items = [i for i in __import__("toolkit.stages.feedback", fromlist=["x"]).feedback_status(spec)]
     panel.accept(items[0], "pants")
     assert "imported" in panel.message.value and w.error.value == ""
     imported = [p for p in (spec.scrape_dir / "pants").iterdir() if p.name.startswith("fb-")]
     assert len(imported) == 1
     panel.reject(items[1])
-    assert panel.n_pending == 0 and "0 pending" in w.tabs.titles[1]
+    assert panel.n_pending == 0 and "(0)" in w.tabs.titles[1]
     panel.similar(items[1])
     assert w.error.value == "" and w.query and w.rows()[0]["file"].startswith("pants/")

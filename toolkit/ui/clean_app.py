@@ -34,7 +34,9 @@ VIEWS = {"label issues": "label_issues", "top losses": "top_losses", "duplicates
 LABEL_NEXT = 48  # images in the "label next" view (uncertain and spread out)
 SIMILAR_K = 60  # images "more like this" shows
 STYLE = """<style>
-.clean-selected { outline: 4px solid #1a73e8 !important; outline-offset: 1px; }
+.clean-selected { box-shadow: inset 0 0 0 4px #1a73e8, 0 0 6px 2px rgba(26,115,232,.6); }
+.clean-grid:focus { outline: 1px dashed #1a73e8; }
+.clean-fb-item .widget-html-content { overflow-wrap: anywhere; }
 .clean-tile img { cursor: pointer; }
 .clean-legend { font-size: 12px; color: #333; background: #f4f6f8; padding: 4px 8px; border-radius: 4px; }
 .clean-legend kbd { border: 1px solid #999; border-radius: 3px; padding: 0 4px; background: #fff; font-size: 11px; }
@@ -287,7 +289,7 @@ class CleanerWidget(W.VBox):
 
         self.feedback = FeedbackPanel(self)
         self.tabs = W.Tab([W.HBox(panels, layout=W.Layout(align_items="flex-start", gap="12px")), self.feedback])
-        self.tabs.titles = ("review", f"feedback ({self.feedback.n_pending} pending)")
+        self.tabs.titles = ("review", f"feedback ({self.feedback.n_pending})")
         self.tabs.add_class("clean-tabs")
         self.children = [*self.children, self.tabs]
 

@@ -42,7 +42,7 @@ class FeedbackPanel(W.VBox):
         for card in old:
             card.close()
         if hasattr(self.owner, "tabs"):
-            self.owner.tabs.titles = ("review", f"feedback ({self.n_pending} pending)")
+            self.owner.tabs.titles = ("review", f"feedback ({self.n_pending})")
 
     def _thumb(self, item: dict[str, Any]) -> bytes:
         from PIL import Image
@@ -62,7 +62,8 @@ class FeedbackPanel(W.VBox):
         label = str(item.get("label", ""))
         said = f"model said {html.escape(str(item.get('predicted')))} ({item.get('probability') or 0:.2f})" \
             if item.get("predicted") else "no model prediction"
-        caption = W.HTML(f"<div style='font-size:11px;line-height:1.2'><b>{html.escape(item['file'])}</b><br>"
+        caption = W.HTML("<div style='font-size:11px;line-height:1.2;overflow-wrap:anywhere'>"
+                         f"<b>{html.escape(item['file'])}</b><br>"
                          f"user's label: <b>{html.escape(label)}</b><br>{said}<br>{html.escape(str(item.get('time')))}"
                          f"<br>status: <span class='clean-fb-state'>{item['status']}</span></div>")
         options = list(dict.fromkeys([label, *self.owner.classes]))

@@ -42,7 +42,7 @@ class EmbeddingMap(W.VBox):
                       else ISSUES[2] if f in in_groups else ISSUES[3] for f in rel]
         self.x_scale, self.y_scale = bq.LinearScale(), bq.LinearScale()
         self.color_by = W.ToggleButtons(options=["given", "predicted", "issue"], value="given",
-                                        style={"button_width": "80px"})
+                                        style={"button_width": "90px"})
         self.color_by.add_class("clean-map-color")
         self.color_by.observe(lambda _c: self._draw(), names="value")
         self.brush = bq.interacts.BrushSelector(x_scale=self.x_scale, y_scale=self.y_scale, color="steelblue")
@@ -54,20 +54,21 @@ class EmbeddingMap(W.VBox):
         self.figure.add_class("clean-map-figure")
         self.count = W.HTML("")
         self.count.add_class("clean-map-count")
-        clear = W.Button(description="show all", layout=W.Layout(width="90px"))
+        clear = W.Button(description="show all", layout=W.Layout(width="90px", flex="0 0 auto"))
         clear.add_class("clean-map-clear")
         clear.on_click(lambda _b: self.select(None))
-        self.relabel_to = W.Dropdown(options=owner.classes, layout=W.Layout(width="120px"))
-        buttons = [clear]
+        self.relabel_to = W.Dropdown(options=owner.classes, layout=W.Layout(width="100px", flex="0 0 auto"))
+        buttons: list[W.Widget] = [clear]
         for action, text in (("keep", "keep"), ("delete", "delete"), ("relabel", "relabel to")):
-            button = W.Button(description=text, layout=W.Layout(width="80px"),
+            button = W.Button(description=text, layout=W.Layout(width="86px", flex="0 0 auto"),
                               button_style="danger" if action == "delete" else "")
             button.add_class(f"clean-sel-{action}")
             button.on_click(lambda _b, a=action: self.bulk(a))
             buttons.append(button)
         title = W.HTML(f"<b>embedding map</b> (PCA of {len(self.coords)} images, {len(self.drawn)} drawn): "
                        "drag a box to pick images")
-        super().__init__([title, self.color_by, self.figure, self.count, W.HBox([*buttons, self.relabel_to])],
+        selection = W.HBox([W.HTML("selection:"), *buttons[1:], self.relabel_to], layout=W.Layout(gap="4px"))
+        super().__init__([title, self.color_by, self.figure, W.HBox([self.count, clear]), selection],
                          layout=W.Layout(width="460px"))
         self.add_class("clean-map")
         self.picked: np.ndarray | None = None
