@@ -105,7 +105,13 @@ def test_cold_open_progress_then_tiles_then_d_deletes(app):
     assert line["action"] == "delete" and line["file"] == f"{given}/{name}" and line["source"] == "widget"
     page.locator(".clean-tile-2.clean-marked-delete").wait_for(timeout=10_000)
     page.locator(".clean-tile-3.clean-selected").wait_for(timeout=10_000)  # moved on to the next tile
+    page.keyboard.press("u")  # undo: the tile loses its mark
+    _until(lambda: page.locator(".clean-tile-2.clean-marked-delete").count() == 0, 10, "undo did not show")
+    page.locator(".clean-tile-4 .clean-thumb").dblclick()
+    page.locator(".clean-preview img").wait_for(timeout=10_000)
+    assert page.locator(".clean-preview").is_visible()
     page.screenshot(path="/tmp/clean-app-tiles.png", full_page=True)
+    page.keyboard.press("d")  # the double-clicked tile is selected: d deletes it again
     assert not app["errors"], app["errors"]
 
 
