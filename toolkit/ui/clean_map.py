@@ -42,13 +42,13 @@ class EmbeddingMap(W.VBox):
                       else ISSUES[2] if f in in_groups else ISSUES[3] for f in rel]
         self.x_scale, self.y_scale = bq.LinearScale(), bq.LinearScale()
         self.color_by = W.ToggleButtons(options=["given", "predicted", "issue"], value="given",
-                                        style={"button_width": "90px"})
+                                        style={"button_width": "84px"}, layout=W.Layout(width="auto"))
         self.color_by.add_class("clean-map-color")
         self.color_by.observe(lambda _c: self._draw(), names="value")
         self.brush = bq.interacts.BrushSelector(x_scale=self.x_scale, y_scale=self.y_scale, color="steelblue")
         self.brush.observe(self._brushed, names=["brushing"])
         self.figure = bq.Figure(marks=[], interaction=self.brush, animation_duration=0,
-                                fig_margin={"top": 10, "bottom": 10, "left": 10, "right": 10},
+                                fig_margin={"top": 12, "bottom": 12, "left": 12, "right": 24},
                                 legend_location="top-left", legend_text={"font-size": "10px"},
                                 layout=W.Layout(width="440px", height="420px"))
         self.figure.add_class("clean-map-figure")
@@ -59,15 +59,15 @@ class EmbeddingMap(W.VBox):
         clear.on_click(lambda _b: self.select(None))
         self.relabel_to = W.Dropdown(options=owner.classes, layout=W.Layout(width="100px", flex="0 0 auto"))
         buttons: list[W.Widget] = [clear]
-        for action, text in (("keep", "keep"), ("delete", "delete"), ("relabel", "relabel to")):
-            button = W.Button(description=text, layout=W.Layout(width="86px", flex="0 0 auto"),
+        for action, text in (("keep", "keep all"), ("delete", "delete all"), ("relabel", "relabel to")):
+            button = W.Button(description=text, layout=W.Layout(width="84px", flex="0 0 auto"),
                               button_style="danger" if action == "delete" else "")
             button.add_class(f"clean-sel-{action}")
             button.on_click(lambda _b, a=action: self.bulk(a))
             buttons.append(button)
         title = W.HTML(f"<b>embedding map</b> (PCA of {len(self.coords)} images, {len(self.drawn)} drawn): "
                        "drag a box to pick images")
-        selection = W.HBox([W.HTML("selection:"), *buttons[1:], self.relabel_to], layout=W.Layout(gap="4px"))
+        selection = W.HBox([*buttons[1:], self.relabel_to], layout=W.Layout(gap="4px"))
         super().__init__([title, self.color_by, self.figure, W.HBox([self.count, clear]), selection],
                          layout=W.Layout(width="460px"))
         self.add_class("clean-map")
