@@ -249,7 +249,8 @@ class CleanerWidget(W.VBox):
         self.grid.add_class("clean-grid")
         from ipyevents import Event
 
-        self.key_events = Event(source=self.grid, watched_events=["keydown"], prevent_default_action=True)
+        self.key_events = Event(source=self.grid, watched_events=["keydown"], prevent_default_action=True,
+                                ignore_modifier_key_events=True)
         self.key_events.on_dom_event(self._key)
         numbered = ", ".join(f"<kbd>{i + 1}</kbd> {html.escape(c)}" for i, c in enumerate(self.classes[:9]))
         self.legend = W.HTML(
