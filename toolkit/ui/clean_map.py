@@ -69,7 +69,7 @@ class EmbeddingMap(W.VBox):
                        "drag a box to pick images")
         selection = W.HBox([*buttons[1:], self.relabel_to], layout=W.Layout(gap="4px"))
         super().__init__([title, self.color_by, self.figure, W.HBox([self.count, clear]), selection],
-                         layout=W.Layout(width="460px"))
+                         layout=W.Layout(width="460px", min_width="460px", flex="0 0 460px"))
         self.add_class("clean-map")
         self.picked: np.ndarray | None = None
         self._draw()
