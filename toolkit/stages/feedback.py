@@ -215,3 +215,86 @@ def save_feedback(feedback_dir: str | Path, img: Image.Image, label: str, origin
     except OSError as exc:
         raise ToolkitError(f"cannot save feedback in {root}: {exc.strerror or exc}") from exc
     return path
+
+
+# ---------------------------------------------------------------- back into the data (the cleaning app)
+
+FEEDBACK_KEY = "feedback:"  # decisions about feedback items are keyed "feedback:<file>" in decisions.jsonl
+
+
+def feedback_status(spec, log=None) -> list[dict[str, Any]]:
+    """Every feedback item of the classifier with `status`: pending, accepted or rejected (from decisions.jsonl)."""
+    from toolkit.stages.clean.decisions import DecisionLog
+
+    state = (log or DecisionLog(spec.cleaned_dir)).state()
+    out = []
+    for item in read_feedback(spec.feedback_dir):
+        if not isinstance(item.get("file"), str):
+            continue
+        decision = state.get(FEEDBACK_KEY + item["file"])
+        status = {"keep": "accepted", "delete": "rejected"}.get(decision["action"], "pending") if decision \
+            else "pending"
+        out.append({**item, "status": status})
+    return out
+
+
+def _feedback_path(spec, item: dict[str, Any]) -> Path:
+    root = Path(spec.feedback_dir)
+    rel = item.get("file")
+    if not isinstance(rel, str) or not rel:
+        raise ToolkitError("feedback item without a file")
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()) or not path.is_file():
+        raise ToolkitError(f"feedback file {rel!r} is not in {root}")
+    return path
+
+
+def import_feedback(spec, item: dict[str, Any], *, label: str | None = None, log=None) -> dict[str, Any]:
+    """Accept a feedback item: copy its image into scrape/NAME/<label>/ as a new raw file (existing raw
+    files are never touched; the same image twice is imported once), append a manifest line with its
+    provenance (source "dashboard", time, label) and record the decision in decisions.jsonl.
+    Returns {"file": path relative to scrape/NAME, "label", "new": bool}."""
+    from toolkit.core.images import open_image, perceptual_hash
+    from toolkit.stages.clean.decisions import DecisionLog
+    from toolkit.stages.scrape.manifest import ManifestWriter, atomic_write, class_dir, now, scrape_lock
+
+    source = _feedback_path(spec, item)
+    label = label or item.get("label")
+    if not isinstance(label, str) or "/" in label:
+        raise ToolkitError(f"feedback label {label!r}: import needs one class name (a path label goes in by hand)")
+    data = source.read_bytes()
+    img = open_image(source)
+    sha = hashlib.sha256(data).hexdigest()
+    root = Path(spec.scrape_dir)
+    with scrape_lock(root):
+        folder = class_dir(root, label)  # a checked class name, never outside scrape/NAME
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"fb-{_safe_stem(source.stem)}-{sha[:12]}.jpg"
+        new = not path.exists()
+        if new:
+            atomic_write(path, data)
+            writer = ManifestWriter(root)
+            try:
+                writer.append([{
+                    "class": label, "query": None, "backend": "dashboard", "rank": None, "url": None,
+                    "page_url": None, "title": item.get("original_name"), "time": now(), "http_status": None,
+                    "bytes": len(data), "sha256": sha, "phash": perceptual_hash(img), "width": img.width,
+                    "height": img.height, "file": path.relative_to(root).as_posix(), "status": "ok",
+                    "source": "dashboard", "label": label, "feedback_file": item["file"],
+                    "feedback_time": item.get("time"), "predicted": item.get("predicted")}])
+            finally:
+                writer.close()
+    rel = path.relative_to(root).as_posix()
+    log = log or DecisionLog(spec.cleaned_dir)
+    log.record_many([rel, FEEDBACK_KEY + item["file"]], "keep", reason=f"accepted feedback {item['file']} as {label}",
+                    source="feedback")
+    return {"file": rel, "label": label, "new": new}
+
+
+def reject_feedback(spec, item: dict[str, Any], *, log=None) -> dict[str, Any]:
+    """Reject a feedback item: recorded in decisions.jsonl; the image stays in feedback/NAME, nothing is imported."""
+    from toolkit.stages.clean.decisions import DecisionLog
+
+    _feedback_path(spec, item)
+    log = log or DecisionLog(spec.cleaned_dir)
+    return log.record(FEEDBACK_KEY + item["file"], "delete", reason="feedback rejected", source="feedback")

@@ -6,14 +6,10 @@ from pathlib import Path
 
 CLEAN_SOURCE = '''\
 import os
-from pathlib import Path
 
-from toolkit.ui.clean_app import CleanerWidget
-from toolkit.settings import load_settings
+from toolkit.ui.clean_start import start_cleaner  # paints at once; CleanerWidget ranks in the background
 
-settings = load_settings(os.environ.get("TOOLKIT_SETTINGS") or Path.cwd().parent / "settings.ini")
-name = os.environ.get("TOOLKIT_CLASSIFIER") or next(iter(settings.classifiers))
-CleanerWidget(settings.get(name), data=os.environ.get("TOOLKIT_DATA") or None)
+start_cleaner(os.environ.get("TOOLKIT_CLASSIFIER"), os.environ.get("TOOLKIT_SETTINGS"), os.environ.get("TOOLKIT_DATA"));
 '''
 
 

@@ -1,0 +1,45 @@
+"""The cleaning notebook's first and only call: paint at once, import and rank in the background.
+
+Importing the toolkit (torch, fastai, the task registry) takes seconds; this module imports only
+ipywidgets, shows a progress bar, and builds `CleanerWidget` in a thread, which ranks in its own
+background thread (see toolkit.ui.clean_app). ipywidgets updates from threads reach the page while
+the kernel runs, so Voilà shows the page as soon as the cell returns."""
+
+from __future__ import annotations
+
+import html
+import os
+import threading
+import traceback
+from pathlib import Path
+
+import ipywidgets as W
+
+
+def start_cleaner(classifier: str | None = None, settings: str | Path | None = None, data: str | Path | None = None,
+                  **kwargs) -> W.VBox:
+    """Show the cleaning app for `classifier` (default: $TOOLKIT_CLASSIFIER, else the first section)."""
+    from IPython.display import display
+
+    text = W.HTML("<span class='clean-progress-text'>0% loading the toolkit</span>")
+    shell = W.VBox([W.HTML("<h2>Clean</h2>"), W.HBox([W.FloatProgress(value=0.0, min=0.0, max=1.0,
+                                                                       layout=W.Layout(width="420px")), text])])
+    shell.children[1].add_class("clean-progress")
+    shell.add_class("clean-shell")
+
+    def build() -> None:
+        try:
+            from toolkit.settings import load_settings
+            from toolkit.ui.clean_app import CleanerWidget
+
+            found = load_settings(settings or os.environ.get("TOOLKIT_SETTINGS") or Path.cwd().parent / "settings.ini")
+            name = classifier or os.environ.get("TOOLKIT_CLASSIFIER") or next(iter(found.classifiers))
+            shell.children = [CleanerWidget(found.get(name), data=data or os.environ.get("TOOLKIT_DATA") or None,
+                                            **kwargs)]
+        except Exception as exc:  # noqa: BLE001 - shown, a thread's exception is lost otherwise
+            shell.children = [W.HTML(f"<pre class='clean-error-text'>error: {html.escape(str(exc))}\n"
+                                     f"{html.escape(traceback.format_exc(limit=4))}</pre>")]
+
+    display(shell)
+    threading.Thread(target=build, name="clean-start", daemon=True).start()
+    return shell
