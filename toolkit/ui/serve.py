@@ -157,7 +157,7 @@ def serve_dashboards(settings, host: str = "127.0.0.1", port: int = 8866, *, tok
     """Serve every classifier's dashboard, the index and the cleaning app from apps/ with Voilà
     until Ctrl-C or SIGTERM; prints the URLs (with the token). Returns the exit code."""
     from toolkit.ui.apps import CLEAN_APP, write_apps
-    from toolkit.ui.voila import launch_voila, preheat_args, stop_voila
+    from toolkit.ui.voila import WITH_API, launch_voila, preheat_args, stop_voila
 
     token = _token(token)
     warning = check_bind(host, token, allowed_hosts)
@@ -174,7 +174,7 @@ def serve_dashboards(settings, host: str = "127.0.0.1", port: int = 8866, *, tok
     proc = None
     try:  # from here on, Ctrl-C or SIGTERM at any moment stops Voila and its kernels too
         proc = launch_voila(apps, port, host, env, log_path=log, extra_args=extra, cwd=settings.root,
-                            timeout=timeout)
+                            timeout=timeout, module=WITH_API)
         base = f"http://{_shown(host)}:{port}"
         out(f"serving {len(settings.classifiers)} dashboard(s); open:")
         out(f"  {'index':<12} {with_token(f'{base}/voila/render/index.ipynb', token)}")
@@ -183,6 +183,8 @@ def serve_dashboards(settings, host: str = "127.0.0.1", port: int = 8866, *, tok
             out(f"  {name:<12} {with_token(f'{base}/voila/render/{name}.ipynb', token)}{state}")
         clean_state = "" if (apps / CLEAN_APP).is_file() else "  (not installed yet)"
         out(f"  {'cleaning':<12} {with_token(f'{base}/voila/render/{CLEAN_APP}', token)}{clean_state}")
+        out(f"JSON API: POST an image to {base}/api/predict/NAME"
+            + (" with the header 'Authorization: token TOKEN' (the token above)" if token else ""))
         if warning:
             out(warning)
         if not token:
