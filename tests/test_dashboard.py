@@ -537,3 +537,20 @@ def test_serve_binds_loopback_and_prints_urls(server):
     assert f"http://127.0.0.1:{port}/voila/render/clean.ipynb{query}" in text
     assert f"http://127.0.0.1:{port}/voila/render/index.ipynb{query}" in text
     assert os.path.isfile(Path(server["log"]))
+
+
+@pytest.mark.browser
+def test_api_under_serve_needs_the_token_and_a_known_host(server, clothing_small):
+    """`toolkit serve`'s JSON API: refused without the token or with a foreign Host, answered with it."""
+    from test_deploy import post
+
+    data = photo(clothing_small, "shoes").read_bytes()
+    url = f"{server['url']}/api/predict/tiny"
+    token = server["query"].split("=", 1)[1]
+    assert post(url, data)[0] == 403
+    assert post(url, data, {"Authorization": "token wrong"})[0] == 403
+    assert post(url, data, {"Authorization": f"token {token}", "Host": "evil.example.com"})[0] == 403
+    status, body = post(url, data, {"Authorization": f"token {token}"})
+    assert status == 200 and body["label"] in TINY_CLASSES
+    assert post(f"{server['url']}/api/predict/nope", data, {"Authorization": f"token {token}"})[0] == 404
+    assert "/api/predict/NAME" in Path(server["log"]).read_text()

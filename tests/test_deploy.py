@@ -59,17 +59,23 @@ def test_bundle_contents(bundle):
 
 
 def test_names_checked_and_non_bundle_refused(trained_project, tmp_path):
-    for bad in ("../tiny", "nope"):
-        result = run_cli("deploy", bad, "--out", tmp_path / "b", cwd=trained_project)
-        assert result.returncode != 0 and "Traceback" not in result.stderr and not (tmp_path / "b").exists()
-    result = run_cli("deploy", "--out", tmp_path / "b", cwd=trained_project)
-    assert result.returncode != 0 and "--all" in result.stderr
+    from toolkit.core.errors import ToolkitError
+    from toolkit.settings import load_settings
+    from toolkit.stages.deploy import deploy
+
+    result = run_cli("deploy", "../tiny", "--out", tmp_path / "b", cwd=trained_project)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    settings = load_settings(trained_project / "settings.ini")
+    for names, everything, message in ((["nope"], False, r"no classifier \[nope\]"), ([], False, "--all"),
+                                       (["tiny"], True, "not both")):
+        with pytest.raises(ToolkitError, match=message):
+            deploy(settings, names, tmp_path / "b", everything=everything, log=lambda line: None)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    result = run_cli("deploy", "tiny", "--out", tmp_path / "mine", cwd=trained_project)
-    assert result.returncode != 0 and "not a bundle" in result.stderr
+    with pytest.raises(ToolkitError, match="not a bundle"):
+        deploy(settings, ["tiny"], tmp_path / "mine", log=lambda line: None)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # nothing else written, no temporary folder
 
 
 @pytest.fixture(scope="module")
