@@ -153,7 +153,7 @@ def kernel_rss_mb(pid: int) -> list[float]:
     return [round(p.memory_info().rss / 2**20, 1) for p in kernels]
 
 
-def bench_browser(root: Path, photos: list[Path]) -> dict:
+def bench_browser(root: Path, photos: list[Path], name: str = "bench") -> dict:
     from playwright.sync_api import sync_playwright
 
     from toolkit.ui.voila import free_port
@@ -180,7 +180,7 @@ def bench_browser(root: Path, photos: list[Path]) -> dict:
                     raise RuntimeError(f"toolkit serve did not start: {log_path.read_text()[-2000:]}")
                 time.sleep(0.1)
             result["serve_ready_s"] = round(time.monotonic() - started, 2)
-            page.goto(f"http://127.0.0.1:{port}/voila/render/bench.ipynb", wait_until="domcontentloaded",
+            page.goto(f"http://127.0.0.1:{port}/voila/render/{name}.ipynb", wait_until="domcontentloaded",
                       timeout=240_000)
             page.wait_for_selector(".toolkit-upload", state="visible", timeout=240_000)
             result["serve_to_first_render_s"] = round(time.monotonic() - started, 2)
@@ -215,6 +215,9 @@ def main() -> None:
                         help="torch threads for both paths (a dashboard kernel uses 1, see toolkit.ui.dashboard)")
     parser.add_argument("--no-browser", action="store_true")
     parser.add_argument("--no-api", action="store_true", help="skip the JSON API's latency")
+    parser.add_argument("--project", type=Path, help="use this project's trained classifier (--name) instead of "
+                        "training one (a short run)")
+    parser.add_argument("--name", default="bench", help="the classifier of --project")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from toolkit.settings import load_settings
@@ -222,18 +225,22 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
-        spec = load_settings(make_project(root, args.per_class, args.size)).get("bench")
-        started = time.monotonic()
-        metrics = train(spec, progress=False, log=lambda line: None)
-        print(f"trained {spec.arch} at {spec.size} px in {time.monotonic() - started:.0f} s "
-              f"(valid accuracy {metrics['accuracy']:.1%})", flush=True)
+        if args.project:
+            spec = load_settings(args.project / "settings.ini").get(args.name)
+            print(f"using the trained {spec.name} of {args.project} ({spec.arch}, {spec.size} px)", flush=True)
+        else:
+            spec = load_settings(make_project(root, args.per_class, args.size)).get("bench")
+            started = time.monotonic()
+            metrics = train(spec, progress=False, log=lambda line: None)
+            print(f"trained {spec.arch} at {spec.size} px in {time.monotonic() - started:.0f} s "
+                  f"(valid accuracy {metrics['accuracy']:.1%})", flush=True)
         images = [p for c in CLASSES for p in sorted((DATA / "validation" / c).iterdir())]
         random.Random(1).shuffle(images)
         images = images[: args.images]
         result = {"arch": spec.arch, "size": spec.size, "images": len(images), "torch_threads": args.threads}
-        api = None if args.no_api else ApiServer(root, args.threads)
+        api = None if args.no_api else ApiServer(spec.root, args.threads)
         try:
-            result.update(bench_latency(spec.models_dir, images, args.repeats, args.threads, api))
+            result.update(bench_latency(spec.models_dir, images, args.repeats, args.threads, api, spec.name))
         finally:
             if api is not None:
                 api.stop()
@@ -246,7 +253,7 @@ def main() -> None:
                   f"x{result['api_vs_predictor_ratio']:.2f} the in-process predictor, "
                   f"x{result['api_vs_learn_predict_ratio']:.2f} learn.predict", flush=True)
         if not args.no_browser:
-            result.update(bench_browser(root, images[:3]))
+            result.update(bench_browser(spec.root, images[:3], spec.name))
             print(f"serve -> first rendered dashboard {result['serve_to_first_render_s']} s "
                   f"(Voila ready {result['serve_ready_s']} s); upload -> result {result['upload_to_result_s']} s; "
                   f"kernel RSS {result['kernel_rss_mb']} MB", flush=True)
