@@ -575,3 +575,13 @@ def test_parity_thumbnail_aspect_feedback_choice_and_table(board, clothing_small
     assert result.right.layout.display is None
     result.choice.value = "pants"
     assert result.save_feedback().parent.name == "pants"
+
+
+def test_examples_strip_predicts_on_click(board):
+    """A few images per class from the data set; a click predicts one."""
+    examples = board.examples.children[1:]
+    assert 3 <= len(examples) <= 6 and all("toolkit-example" in e._dom_classes for e in examples)
+    thumb, button = examples[0].children
+    assert thumb.value and thumb.layout.display is None and int(thumb.layout.width[:-2]) <= 72
+    button.click()
+    assert len(board.results) == 1 and board.results[0].label in TINY_CLASSES

@@ -168,3 +168,9 @@ def test_bundle_dashboard_predicts_an_upload_and_agrees_with_the_api(bundle_serv
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_bundle_carries_examples(bundle):
+    examples = bundle / "models" / "tiny" / "examples"
+    assert sorted(p.name for p in examples.iterdir()) == TINY_CLASSES
+    assert all(len(list((examples / c).iterdir())) == 2 for c in TINY_CLASSES)

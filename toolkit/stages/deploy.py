@@ -32,6 +32,7 @@ from typing import Any
 from toolkit.core.artifacts import META_FILE, write_json
 from toolkit.core.config import read_sections
 from toolkit.core.errors import ToolkitError
+from toolkit.ui.dashboard import EXAMPLES_DIR
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = 1
@@ -77,7 +78,7 @@ def check_names(settings, names: Sequence[str], everything: bool) -> list[str]:
         settings.get(name)  # unknown name: one line listing the known ones (never a path)
     if not chosen:
         raise ToolkitError(f"{settings.path} has no classifiers to deploy")
-    missing = [n for n in chosen if not _model_folders(settings.get(n).models_dir)]
+    missing = [n for n in chosen if not model_folders(settings.get(n).models_dir)]
     if missing and not everything:
         raise ToolkitError(f"no trained model for {', '.join(missing)}: run `toolkit train {missing[0]}` first")
     chosen = [n for n in chosen if n not in missing]
@@ -86,7 +87,7 @@ def check_names(settings, names: Sequence[str], everything: bool) -> list[str]:
     return chosen
 
 
-def _model_folders(folder: Path) -> list[Path]:
+def model_folders(folder: Path) -> list[Path]:
     """Folders under models/NAME/ (itself included) that hold a model.json."""
     if not folder.is_dir():
         return []
@@ -103,6 +104,22 @@ def _copy_model(source: Path, dest: Path) -> int:
             shutil.copy2(path, target)
             count += 1
     return count
+
+
+def _copy_examples(spec, dest: Path) -> int:
+    """The dashboard's example images (a few per class) into the bundle's models/NAME/examples/."""
+    from toolkit.core.artifacts import read_meta
+    from toolkit.ui.dashboard import example_files
+
+    try:
+        classes = list(read_meta(model_folders(spec.models_dir)[0])["classes"])
+    except (ToolkitError, IndexError, KeyError):
+        return 0
+    examples = example_files(spec, classes)
+    for label, path in examples:
+        (dest / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / label / path.name)
+    return len(examples)
 
 
 def _settings_text(path: Path, names: Sequence[str]) -> str:
@@ -210,12 +227,13 @@ def deploy(settings, names: Sequence[str] = (), out: str | Path = "deploy", *, e
     out.parent.mkdir(parents=True, exist_ok=True)
     folders = {n: settings.get(n).models_dir for n in chosen}
     log(f"checking that serving {', '.join(chosen)} needs no fastai ...")
-    probe = probe_serving([f for folder in folders.values() for f in _model_folders(folder)])
+    probe = probe_serving([f for folder in folders.values() for f in model_folders(folder)])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         n_files = 0
         for name, folder in folders.items():
             n_files += _copy_model(folder, tmp / "models" / name)
+            _copy_examples(settings.get(name), tmp / "models" / name / EXAMPLES_DIR)
         package = Path(__file__).resolve().parents[1]
         for file in map(Path, probe["files"]):
             target = tmp / "toolkit" / file.resolve().relative_to(package)

@@ -58,6 +58,10 @@ from toolkit.tasks import Task, cached_predictor, task_of
 
 MAX_FILES = 16  # per upload
 NEW_CLASS = "a new class..."  # the feedback choice that opens a text field
+EXAMPLES_DIR = "examples"  # models/NAME/examples/<class>/: a deployed bundle's example images
+PER_CLASS_EXAMPLES = 2
+MAX_EXAMPLES = 12
+EXAMPLE_THUMB = 72
 KEEP = 1024  # long side kept in memory for Grad-CAM and feedback
 THREADS_ENV = "TOOLKIT_THREADS"  # torch threads per dashboard kernel (default 1, see docs/ARCHITECTURE.md)
 
@@ -104,6 +108,34 @@ def model_card_html(spec: ClassifierSpec, meta: dict[str, Any], task: Task | Non
     cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
                     f"<td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f'<details open><summary><b>Model card</b></summary><table>{cells}</table></details>'
+
+
+def example_files(spec: ClassifierSpec, classes: list[str],
+                  per_class: int = PER_CLASS_EXAMPLES) -> list[tuple[str, Path]]:
+    """(class, file) examples for the dashboard's strip: models/NAME/examples/<class>/ (a bundle), else
+    the data set's own validation folder, else its class folders (the last files by name); at most
+    MAX_EXAMPLES. Class names are checked before they become paths; none found is an empty list."""
+    from toolkit.core.images import is_image_name
+    from toolkit.core.names import check_name
+    from toolkit.data import find_data_dir, valid_folder
+
+    root = spec.models_dir / EXAMPLES_DIR
+    if not root.is_dir():
+        try:
+            data = find_data_dir(spec)
+        except Exception:
+            return []
+        root = valid_folder(data) or data
+    found: list[tuple[str, Path]] = []
+    for label in classes:
+        try:
+            folder = root / check_name(label, "class")
+        except ToolkitError:
+            continue
+        if folder.is_dir():
+            files = sorted(f for f in folder.iterdir() if is_image_name(f) and f.is_file() and not f.is_symlink())
+            found += [(label, f) for f in files[-per_class:]]
+    return found[:MAX_EXAMPLES]
 
 
 def summary_table_html(results: list[ImageResult]) -> str:
@@ -216,7 +248,11 @@ class ClassifierDashboard:
         self.upload.observe(self._on_upload, names="value")
         self.cam_toggle.observe(self._on_toggle, names="value")
         controls = widgets.HBox([self.upload, self.cam_toggle])
-        self.widget = widgets.VBox([self.header, controls, self.status, self.output, self.card])
+        self.examples = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap", align_items="flex-end"))
+        self.examples.add_class("toolkit-examples")
+        if self.predictor is not None:
+            self._guard(self._fill_examples, self.status)
+        self.widget = widgets.VBox([self.header, controls, self.examples, self.status, self.output, self.card])
         self.widget.add_class("toolkit-dashboard")
 
     # --------------------------------------------------------------- display
@@ -229,6 +265,25 @@ class ClassifierDashboard:
         return (f"<div class='toolkit-no-model'><b>No trained model for {html.escape(spec.name)} yet.</b> "
                 f"Train it in the project folder <code>{html.escape(str(spec.root))}</code> with "
                 f"<code>toolkit train {html.escape(spec.name)}</code>, then reload this page.</div>")
+
+    def _fill_examples(self) -> None:
+        """A strip of example images (a few per class); clicking one predicts it."""
+        items: list[widgets.Widget] = []
+        for label, path in example_files(self.spec, self.classes):
+            try:
+                thumb = widgets.Image(format="jpeg")
+                show_thumbnail(thumb, open_image(path, draft_size=EXAMPLE_THUMB), EXAMPLE_THUMB)
+            except Exception:
+                continue
+            button = widgets.Button(description="try", tooltip=f"predict this {label} example",
+                                    layout=widgets.Layout(width=f"{EXAMPLE_THUMB}px"))
+            button.on_click(lambda _, p=path: self._guard(
+                lambda: self.handle_files([{"name": p.name, "content": p.read_bytes()}]), self.status))
+            box = widgets.VBox([thumb, button], layout=widgets.Layout(margin="0 4px 0 0"))
+            box.add_class("toolkit-example")
+            items.append(box)
+        if items:
+            self.examples.children = (widgets.HTML("<b>try an example:</b>&nbsp;"), *items)
 
     # --------------------------------------------------------------- callbacks
 
