@@ -221,6 +221,9 @@ def deploy(settings, names: Sequence[str] = (), out: str | Path = "deploy", *, e
     from toolkit.ui.apps import app_notebook, index_notebook
 
     chosen = check_names(settings, names, everything)
+    skipped = [n for n in settings.classifiers if n not in chosen] if everything else []
+    if skipped:
+        log(f"skipping {', '.join(skipped)}: no trained model")
     out = Path(out).absolute()
     if out.exists() and not (out.is_dir() and (_is_bundle(out) or not any(out.iterdir()))):
         raise ToolkitError(f"{out} exists and is not a bundle made by `toolkit deploy`; choose another --out")
@@ -270,5 +273,5 @@ def deploy(settings, names: Sequence[str] = (), out: str | Path = "deploy", *, e
         raise
     log(f"wrote {out}: {len(chosen)} classifier(s), {n_files} model file(s), "
         f"{len(probe['files'])} toolkit module(s); start it with `PORT=8866 sh {out}/start.sh`")
-    return {**info, "out": str(out), "model_files": n_files, "modules": len(probe["files"]),
+    return {**info, "skipped": skipped, "out": str(out), "model_files": n_files, "modules": len(probe["files"]),
             "requirements": sorted(probe["pins"])}
