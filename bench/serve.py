@@ -2,8 +2,10 @@
 
 Same model, same images, same run:
 - p50/p95 latency of one prediction (file bytes -> label and probabilities) through the
-  dashboard's cached pickle-free predictor, and through `load_learner(export.pkl).predict`
-  (the baseline; the toolkit itself never uses load_learner), and their ratio;
+  dashboard's cached pickle-free predictor, through the JSON API (`POST /api/predict/NAME` over
+  one keep-alive HTTP connection to a running `toolkit serve`, the same predictor in the server
+  process) and through `load_learner(export.pkl).predict` (the baseline; the toolkit itself
+  never uses load_learner), and their ratios, interleaved image by image;
 - time from starting `toolkit serve` to the first rendered dashboard in headless chromium, and
   from an upload to its prediction in the page;
 - memory (RSS) of the dashboard's kernel process.
@@ -56,7 +58,48 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
 
 
-def bench_latency(models: Path, images: list[Path], repeats: int, threads: int) -> dict:
+class ApiServer:
+    """`toolkit serve --no-token` on loopback in the benchmark's project (the API's server)."""
+
+    def __init__(self, root: Path, threads: int):
+        from toolkit.ui.voila import free_port
+
+        self.port = free_port()
+        jupyter = root / ".jupyter-api"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                   PYTHONWARNINGS="ignore", TOOLKIT_THREADS=str(threads), JUPYTER_DATA_DIR=str(jupyter / "d"),
+                   JUPYTER_CONFIG_DIR=str(jupyter / "c"), JUPYTER_RUNTIME_DIR=str(jupyter / "r"))
+        self.log = root / "serve-api.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", "--no-token", "--port",
+                                          str(self.port)], cwd=root, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        started = time.monotonic()
+        while "Ctrl-C stops the server" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() - started > 120:
+                raise RuntimeError(f"toolkit serve did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        import http.client
+
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+
+    def predict(self, name: str, data: bytes) -> dict:
+        self.conn.request("POST", f"/api/predict/{name}", body=data, headers={"Content-Type": "image/jpeg"})
+        response = self.conn.getresponse()
+        body = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"API answered {response.status}: {body}")
+        return body
+
+    def stop(self) -> None:
+        from toolkit.ui.voila import stop_voila
+
+        self.conn.close()
+        stop_voila(self.proc, grace=30)
+
+
+def bench_latency(models: Path, images: list[Path], repeats: int, threads: int, api: ApiServer | None = None,
+                  name: str = "bench") -> dict:
     import torch
     from fastai.learner import load_learner
 
@@ -69,7 +112,9 @@ def bench_latency(models: Path, images: list[Path], repeats: int, threads: int) 
     for path, data in datas[:3]:  # warm-up, both paths
         predictor.predict(data, name=path.name)
         learn.predict(path)
-    ours, theirs, agree = [], [], 0
+        if api is not None:
+            api.predict(name, data)
+    ours, theirs, agree, http, server_ms, api_agree = [], [], 0, [], [], 0
     for _ in range(repeats):
         for path, data in datas:  # interleaved, so both see the same machine load
             started = time.perf_counter()
@@ -79,9 +124,22 @@ def bench_latency(models: Path, images: list[Path], repeats: int, threads: int) 
             label, _, _ = learn.predict(path)
             theirs.append(time.perf_counter() - started)
             agree += mine.label == str(label)
+            if api is not None:
+                started = time.perf_counter()
+                answer = api.predict(name, data)
+                http.append(time.perf_counter() - started)
+                server_ms.append(answer["ms"])
+                api_agree += answer["label"] == mine.label
     p50, p95 = percentiles(ours)
     b50, b95 = percentiles(theirs)
-    return {"predictor_p50_ms": round(p50, 2), "predictor_p95_ms": round(p95, 2),
+    extra = {}
+    if http:
+        a50, a95 = percentiles(http)
+        extra = {"api_p50_ms": round(a50, 2), "api_p95_ms": round(a95, 2),
+                 "api_server_side_p50_ms": round(float(np.percentile(server_ms, 50)), 2),
+                 "api_vs_predictor_ratio": round(a50 / p50, 3), "api_vs_learn_predict_ratio": round(a50 / b50, 3),
+                 "api_label_agreement": round(api_agree / len(http), 3)}
+    return {**extra, "predictor_p50_ms": round(p50, 2), "predictor_p95_ms": round(p95, 2),
             "learn_predict_p50_ms": round(b50, 2), "learn_predict_p95_ms": round(b95, 2),
             "latency_ratio": round(p50 / b50, 3), "label_agreement": round(agree / len(ours), 3),
             "predictions": len(ours)}
@@ -95,7 +153,7 @@ def kernel_rss_mb(pid: int) -> list[float]:
     return [round(p.memory_info().rss / 2**20, 1) for p in kernels]
 
 
-def bench_browser(root: Path, photos: list[Path]) -> dict:
+def bench_browser(root: Path, photos: list[Path], name: str = "bench") -> dict:
     from playwright.sync_api import sync_playwright
 
     from toolkit.ui.voila import free_port
@@ -122,7 +180,7 @@ def bench_browser(root: Path, photos: list[Path]) -> dict:
                     raise RuntimeError(f"toolkit serve did not start: {log_path.read_text()[-2000:]}")
                 time.sleep(0.1)
             result["serve_ready_s"] = round(time.monotonic() - started, 2)
-            page.goto(f"http://127.0.0.1:{port}/voila/render/bench.ipynb", wait_until="domcontentloaded",
+            page.goto(f"http://127.0.0.1:{port}/voila/render/{name}.ipynb", wait_until="domcontentloaded",
                       timeout=240_000)
             page.wait_for_selector(".toolkit-upload", state="visible", timeout=240_000)
             result["serve_to_first_render_s"] = round(time.monotonic() - started, 2)
@@ -156,6 +214,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both paths (a dashboard kernel uses 1, see toolkit.ui.dashboard)")
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--no-api", action="store_true", help="skip the JSON API's latency")
+    parser.add_argument("--project", type=Path, help="use this project's trained classifier (--name) instead of "
+                        "training one (a short run)")
+    parser.add_argument("--name", default="bench", help="the classifier of --project")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from toolkit.settings import load_settings
@@ -163,26 +225,44 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
-        spec = load_settings(make_project(root, args.per_class, args.size)).get("bench")
-        started = time.monotonic()
-        metrics = train(spec, progress=False, log=lambda line: None)
-        print(f"trained {spec.arch} at {spec.size} px in {time.monotonic() - started:.0f} s "
-              f"(valid accuracy {metrics['accuracy']:.1%})", flush=True)
+        if args.project:
+            spec = load_settings(args.project / "settings.ini").get(args.name)
+            print(f"using the trained {spec.name} of {args.project} ({spec.arch}, {spec.size} px)", flush=True)
+        else:
+            spec = load_settings(make_project(root, args.per_class, args.size)).get("bench")
+            started = time.monotonic()
+            metrics = train(spec, progress=False, log=lambda line: None)
+            print(f"trained {spec.arch} at {spec.size} px in {time.monotonic() - started:.0f} s "
+                  f"(valid accuracy {metrics['accuracy']:.1%})", flush=True)
         images = [p for c in CLASSES for p in sorted((DATA / "validation" / c).iterdir())]
         random.Random(1).shuffle(images)
         images = images[: args.images]
         result = {"arch": spec.arch, "size": spec.size, "images": len(images), "torch_threads": args.threads}
-        result.update(bench_latency(spec.models_dir, images, args.repeats, args.threads))
+        api = None if args.no_api else ApiServer(spec.root, args.threads)
+        try:
+            result.update(bench_latency(spec.models_dir, images, args.repeats, args.threads, api, spec.name))
+        finally:
+            if api is not None:
+                api.stop()
         print(f"latency p50/p95: predictor {result['predictor_p50_ms']:.1f}/{result['predictor_p95_ms']:.1f} ms, "
               f"learn.predict {result['learn_predict_p50_ms']:.1f}/{result['learn_predict_p95_ms']:.1f} ms, "
               f"ratio {result['latency_ratio']:.3f}", flush=True)
+        if api is not None:
+            print(f"JSON API over HTTP p50/p95 {result['api_p50_ms']:.1f}/{result['api_p95_ms']:.1f} ms "
+                  f"(server side {result['api_server_side_p50_ms']:.1f} ms): "
+                  f"x{result['api_vs_predictor_ratio']:.2f} the in-process predictor, "
+                  f"x{result['api_vs_learn_predict_ratio']:.2f} learn.predict", flush=True)
         if not args.no_browser:
-            result.update(bench_browser(root, images[:3]))
+            result.update(bench_browser(spec.root, images[:3], spec.name))
             print(f"serve -> first rendered dashboard {result['serve_to_first_render_s']} s "
                   f"(Voila ready {result['serve_ready_s']} s); upload -> result {result['upload_to_result_s']} s; "
                   f"kernel RSS {result['kernel_rss_mb']} MB", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    import resource
+
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(f"peak RSS of this process (predictor + learner): {result['peak_rss_mb']} MB", flush=True)
     print("RESULT " + json.dumps(result))
 
 

@@ -537,3 +537,51 @@ def test_serve_binds_loopback_and_prints_urls(server):
     assert f"http://127.0.0.1:{port}/voila/render/clean.ipynb{query}" in text
     assert f"http://127.0.0.1:{port}/voila/render/index.ipynb{query}" in text
     assert os.path.isfile(Path(server["log"]))
+
+
+@pytest.mark.browser
+def test_api_under_serve_needs_the_token_and_a_known_host(server, clothing_small):
+    """`toolkit serve`'s JSON API: refused without the token or with a foreign Host, answered with it."""
+    from test_deploy import post
+
+    data = photo(clothing_small, "shoes").read_bytes()
+    url = f"{server['url']}/api/predict/tiny"
+    token = server["query"].split("=", 1)[1]
+    assert post(url, data)[0] == 403
+    assert post(url, data, {"Authorization": "token wrong"})[0] == 403
+    assert post(url, data, {"Authorization": f"token {token}", "Host": "evil.example.com"})[0] == 403
+    status, body = post(url, data, {"Authorization": f"token {token}"})
+    assert status == 200 and body["label"] in TINY_CLASSES
+    assert post(f"{server['url']}/api/predict/nope", data, {"Authorization": f"token {token}"})[0] == 404
+    assert "/api/predict/NAME" in Path(server["log"]).read_text()
+
+
+def test_parity_thumbnail_aspect_feedback_choice_and_table(board, clothing_small):
+    """A 28x28 image is drawn square (not a strip); the right label is a choice of the classes plus
+    'a new class...'; several uploads get a summary table."""
+    from toolkit.ui.dashboard import NEW_CLASS
+
+    tiny = encoded(Image.new("RGB", (28, 28), (120, 40, 40)), "PNG")
+    tall = encoded(Image.new("RGB", (30, 90), (40, 40, 120)), "PNG")
+    results, _ = upload(board, upload_item("tiny.png", tiny, "image/png"), upload_item("tall.png", tall, "image/png"))
+    square, upright = results[0].thumb.layout, results[1].thumb.layout
+    assert square.width == square.height and int(square.width[:-2]) >= 150
+    assert int(upright.height[:-2]) == 3 * int(upright.width[:-2])
+    assert "toolkit-summary" in board.output.children[0].value and "tall.png" in board.output.children[0].value
+    result = results[0]
+    assert list(result.choice.options)[1:] == [*[(c, c) for c in TINY_CLASSES], (NEW_CLASS, NEW_CLASS)]
+    assert result.right.layout.display == "none"
+    result.choice.value = NEW_CLASS
+    assert result.right.layout.display is None
+    result.choice.value = "pants"
+    assert result.save_feedback().parent.name == "pants"
+
+
+def test_examples_strip_predicts_on_click(board):
+    """A few images per class from the data set; a click predicts one."""
+    examples = board.examples.children[1:]
+    assert 3 <= len(examples) <= 6 and all("toolkit-example" in e._dom_classes for e in examples)
+    thumb, button = examples[0].children
+    assert thumb.value and thumb.layout.display is None and int(thumb.layout.width[:-2]) <= 72
+    button.click()
+    assert len(board.results) == 1 and board.results[0].label in TINY_CLASSES

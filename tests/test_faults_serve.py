@@ -367,7 +367,7 @@ def test_websocket_limit_fits_the_upload_limit(served):
 
     assert (serve.UPLOAD_FILES, serve.UPLOAD_FILE_BYTES) == (dashboard.MAX_FILES, dashboard.MAX_UPLOAD_BYTES)
     assert serve.WEBSOCKET_MAX_MESSAGE_BYTES >= dashboard.MAX_FILES * dashboard.MAX_UPLOAD_BYTES
-    voila = [p for p in served.tree if "voila" in " ".join(p.cmdline())]
+    voila = [p for p in served.tree if "-m toolkit.ui.api" in " ".join(p.cmdline())]  # Voila with the JSON API
     assert voila, served.tree
     line = " ".join(voila[0].cmdline())
     match = re.search(r"'websocket_max_message_size': (\d+)", line)

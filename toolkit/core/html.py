@@ -22,6 +22,26 @@ def image_bytes(img: Image.Image, fmt: str = "JPEG") -> bytes:
     return buffer.getvalue()
 
 
+def thumbnail(img: Image.Image, side: int = THUMB) -> tuple[bytes, int, int]:
+    """JPEG bytes of `img` fitted in side x side with its aspect kept (a small image, such as a
+    28 px Fashion-MNIST photo, enlarged by a whole factor with sharp pixels), and its width and height."""
+    factor = side // max(img.size)
+    fitted = img.resize((img.width * factor, img.height * factor), Image.NEAREST) if factor >= 2 else shrunk(img, side)
+    return image_bytes(fitted.convert("RGB")), fitted.width, fitted.height
+
+
+def show_thumbnail(widget, img: Image.Image | None, side: int = THUMB) -> None:
+    """Set an ipywidgets Image to `img`'s thumbnail at its own size (never stretched by its row),
+    or hide it for None (no broken-image icon before an upload)."""
+    if img is None:
+        widget.value, widget.layout.display = b"", "none"
+        return
+    widget.value, width, height = thumbnail(img, side)
+    widget.layout.width, widget.layout.height = f"{width}px", f"{height}px"
+    widget.layout.object_fit, widget.layout.align_self, widget.layout.flex = "contain", "flex-start", "0 0 auto"
+    widget.layout.display = None
+
+
 def shrunk(img: Image.Image, side: int) -> Image.Image:
     if max(img.size) <= side:
         return img

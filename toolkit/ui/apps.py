@@ -41,13 +41,14 @@ def app_notebook(name: str):
     return _notebook([new_code_cell(code)], name)
 
 
-def index_notebook(settings: Settings):
+def index_notebook(settings: Settings, cleaning: bool = True):
     lines = ["# Dashboards", ""]
     for spec in settings.classifiers.values():
         trained = (spec.models_dir / "model.json").is_file()
         note = "" if trained else f" (no model yet: `toolkit train {spec.name}`)"
         lines.append(f"- [{spec.display_title}]({spec.name}.ipynb) - `/voila/render/{spec.name}.ipynb`{note}")
-    lines += ["", "# Cleaning", "", f"- [Cleaning app]({CLEAN_APP}) - `/voila/render/{CLEAN_APP}`"]
+    if cleaning:
+        lines += ["", "# Cleaning", "", f"- [Cleaning app]({CLEAN_APP}) - `/voila/render/{CLEAN_APP}`"]
     return _notebook([new_markdown_cell("\n".join(lines))], "index")
 
 

@@ -39,7 +39,16 @@ from PIL import Image
 
 from toolkit.core.artifacts import META_FILE, read_json
 from toolkit.core.errors import ToolkitError
-from toolkit.core.html import MAX_UPLOAD_BYTES, THUMB, error_html, header_html, image_bytes, one_line, probability_bars
+from toolkit.core.html import (
+    MAX_UPLOAD_BYTES,
+    THUMB,
+    error_html,
+    header_html,
+    image_bytes,
+    one_line,
+    probability_bars,
+    show_thumbnail,
+)
 from toolkit.core.html import shrunk as _shrunk
 from toolkit.core.images import MAX_PIXELS, open_image
 from toolkit.core.project import find_settings
@@ -48,6 +57,11 @@ from toolkit.stages.feedback import save_feedback
 from toolkit.tasks import Task, cached_predictor, task_of
 
 MAX_FILES = 16  # per upload
+NEW_CLASS = "a new class..."  # the feedback choice that opens a text field
+EXAMPLES_DIR = "examples"  # models/NAME/examples/<class>/: a deployed bundle's example images
+PER_CLASS_EXAMPLES = 2
+MAX_EXAMPLES = 12
+EXAMPLE_THUMB = 72
 KEEP = 1024  # long side kept in memory for Grad-CAM and feedback
 THREADS_ENV = "TOOLKIT_THREADS"  # torch threads per dashboard kernel (default 1, see docs/ARCHITECTURE.md)
 
@@ -96,6 +110,43 @@ def model_card_html(spec: ClassifierSpec, meta: dict[str, Any], task: Task | Non
     return f'<details open><summary><b>Model card</b></summary><table>{cells}</table></details>'
 
 
+def example_files(spec: ClassifierSpec, classes: list[str],
+                  per_class: int = PER_CLASS_EXAMPLES) -> list[tuple[str, Path]]:
+    """(class, file) examples for the dashboard's strip: models/NAME/examples/<class>/ (a bundle), else
+    the data set's own validation folder, else its class folders (the last files by name); at most
+    MAX_EXAMPLES. Class names are checked before they become paths; none found is an empty list."""
+    from toolkit.core.images import is_image_name
+    from toolkit.core.names import check_name
+    from toolkit.data import find_data_dir, valid_folder
+
+    root = spec.models_dir / EXAMPLES_DIR
+    if not root.is_dir():
+        try:
+            data = find_data_dir(spec)
+        except Exception:
+            return []
+        root = valid_folder(data) or data
+    found: list[tuple[str, Path]] = []
+    for label in classes:
+        try:
+            folder = root / check_name(label, "class")
+        except ToolkitError:
+            continue
+        if folder.is_dir():
+            files = sorted(f for f in folder.iterdir() if is_image_name(f) and f.is_file() and not f.is_symlink())
+            found += [(label, f) for f in files[-per_class:]]
+    return found[:MAX_EXAMPLES]
+
+
+def summary_table_html(results: list[ImageResult]) -> str:
+    """Several uploads at once: one row per image (name, label, probability), above the cards."""
+    rows = "".join(f"<tr><td>{html.escape(r.name)}</td><td class='toolkit-summary-label'>{html.escape(r.label)}</td>"
+                   f"<td style='text-align:right'>{r.probs.get(r.label, 0):.1%}</td></tr>" for r in results)
+    return ("<table class='toolkit-summary' style='border-collapse:collapse;margin:4px 0'>"
+            "<tr><th style='text-align:left;padding-right:1em'>image</th><th style='text-align:left;"
+            f"padding-right:1em'>label</th><th>probability</th></tr>{rows}</table>")
+
+
 class ImageResult:
     """One uploaded image's card: thumbnail, predictions, time, Grad-CAM, feedback control."""
 
@@ -105,7 +156,8 @@ class ImageResult:
         prediction = board.task.describe(board.classes, np.array([probs[c] for c in board.classes]))
         self.label = prediction.label
         path_line = board.task.prediction_html(prediction)  # e.g. a hierarchical path, a probability per level
-        self.thumb = widgets.Image(value=image_bytes(_shrunk(img, THUMB)), format="jpeg")
+        self.thumb = widgets.Image(format="jpeg")
+        show_thumbnail(self.thumb, img)  # its own aspect, never stretched by the row
         self.thumb.add_class("toolkit-thumb")
         self.cam = widgets.Image(format="jpeg", layout=widgets.Layout(display="none"))
         self.cam.add_class("toolkit-cam")
@@ -117,15 +169,18 @@ class ImageResult:
         self.timing = widgets.HTML(
             f'<span class="toolkit-time">inference {seconds * 1000:.0f} ms '
             f'(decoding {decode_seconds * 1000:.0f} ms)</span>')
-        self.right = widgets.Combobox(options=list(board.classes), placeholder="the right label is ...",
-                                      ensure_option=False, layout=widgets.Layout(width="14em"))
+        self.choice = widgets.Dropdown(options=[("the right label is ...", ""), *[(c, c) for c in board.classes],
+                                                (NEW_CLASS, NEW_CLASS)], value="", layout=widgets.Layout(width="14em"))
+        self.choice.add_class("toolkit-right-choice")
+        self.right = widgets.Text(placeholder="the new class", layout=widgets.Layout(width="12em", display="none"))
         self.right.add_class("toolkit-right-label")
+        self.choice.observe(self._on_choice, names="value")
         self.save = widgets.Button(description="Save feedback", icon="check", tooltip="save into the feedback folder")
         self.save.add_class("toolkit-save-feedback")
         self.saved = widgets.HTML()
         self.saved.add_class("toolkit-feedback-status")
         self.save.on_click(lambda _: self.board._guard(self.save_feedback, self.saved))
-        feedback = widgets.HBox([widgets.HTML("wrong?"), self.right, self.save, self.saved])
+        feedback = widgets.HBox([widgets.HTML("wrong?"), self.choice, self.right, self.save, self.saved])
         info = widgets.VBox([title, self.preds, self.timing, feedback])
         self.box = widgets.HBox([self.thumb, self.cam, info], layout=widgets.Layout(margin="6px 0"))
         self.box.add_class("toolkit-result")
@@ -140,8 +195,13 @@ class ImageResult:
             self.cam_done = True
         self.cam.layout.display = None if on else "none"
 
+    def _on_choice(self, change) -> None:
+        self.right.layout.display = None if change["new"] == NEW_CLASS else "none"
+
     def save_feedback(self) -> Path:
-        label = (self.right.value or "").strip()
+        """The label picked from the known classes, or the new class typed after "a new class..."."""
+        picked = self.choice.value
+        label = (picked if picked not in ("", NEW_CLASS) else self.right.value or "").strip()
         if not label:
             raise ToolkitError("type or pick the right label first")
         label = self.board.task.check_feedback_label(label)  # a class name, or a path (hierarchical)
@@ -188,7 +248,11 @@ class ClassifierDashboard:
         self.upload.observe(self._on_upload, names="value")
         self.cam_toggle.observe(self._on_toggle, names="value")
         controls = widgets.HBox([self.upload, self.cam_toggle])
-        self.widget = widgets.VBox([self.header, controls, self.status, self.output, self.card])
+        self.examples = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap", align_items="flex-end"))
+        self.examples.add_class("toolkit-examples")
+        if self.predictor is not None:
+            self._guard(self._fill_examples, self.status)
+        self.widget = widgets.VBox([self.header, controls, self.examples, self.status, self.output, self.card])
         self.widget.add_class("toolkit-dashboard")
 
     # --------------------------------------------------------------- display
@@ -201,6 +265,25 @@ class ClassifierDashboard:
         return (f"<div class='toolkit-no-model'><b>No trained model for {html.escape(spec.name)} yet.</b> "
                 f"Train it in the project folder <code>{html.escape(str(spec.root))}</code> with "
                 f"<code>toolkit train {html.escape(spec.name)}</code>, then reload this page.</div>")
+
+    def _fill_examples(self) -> None:
+        """A strip of example images (a few per class); clicking one predicts it."""
+        items: list[widgets.Widget] = []
+        for label, path in example_files(self.spec, self.classes):
+            try:
+                thumb = widgets.Image(format="jpeg")
+                show_thumbnail(thumb, open_image(path, draft_size=EXAMPLE_THUMB), EXAMPLE_THUMB)
+            except Exception:
+                continue
+            button = widgets.Button(description="try", tooltip=f"predict this {label} example",
+                                    layout=widgets.Layout(width=f"{EXAMPLE_THUMB}px"))
+            button.on_click(lambda _, p=path: self._guard(
+                lambda: self.handle_files([{"name": p.name, "content": p.read_bytes()}]), self.status))
+            box = widgets.VBox([thumb, button], layout=widgets.Layout(margin="0 4px 0 0"))
+            box.add_class("toolkit-example")
+            items.append(box)
+        if items:
+            self.examples.children = (widgets.HTML("<b>try an example:</b>&nbsp;"), *items)
 
     # --------------------------------------------------------------- callbacks
 
@@ -254,6 +337,8 @@ class ClassifierDashboard:
                 continue
             self.results.append(result)
             boxes.append(result.box)
+        if len(self.results) > 1:
+            boxes.insert(0, widgets.HTML(summary_table_html(self.results)))
         self.output.children = tuple(boxes)
         if self.cam_toggle.value:
             for result in self.results:

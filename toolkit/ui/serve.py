@@ -98,11 +98,12 @@ def check_bind(host: str, token: str, allowed_hosts: Sequence[str] = ()) -> str 
 
 
 def voila_security_args(host: str, allowed_hosts: Sequence[str] = (), *, token: str,
-                        max_kernels: int = MAX_KERNELS) -> list[str]:
+                        max_kernels: int = MAX_KERNELS, host_check: bool = True) -> list[str]:
     """Voilà options for the token, the Host check, the kernel cap and culling, and the websocket
-    limit (the token itself goes in $JUPYTER_TOKEN, see `voila_env`)."""
+    limit (the token itself goes in $JUPYTER_TOKEN, see `voila_env`). host_check=False (a
+    deployed bundle only) accepts any Host."""
     names = ["localhost", *([] if _is_ip(host) or is_loopback(host) else [host]), *allowed_hosts]
-    host_check_off = not is_loopback(host) and _is_ip(host) and not allowed_hosts
+    host_check_off = not host_check or (not is_loopback(host) and _is_ip(host) and not allowed_hosts)
     tornado = {"allow_remote_access": host_check_off, "local_hostnames": list(dict.fromkeys(names)),
                "websocket_max_message_size": WEBSOCKET_MAX_MESSAGE_BYTES}
     return [f"--Voila.tornado_settings={tornado!r}",
@@ -157,7 +158,7 @@ def serve_dashboards(settings, host: str = "127.0.0.1", port: int = 8866, *, tok
     """Serve every classifier's dashboard, the index and the cleaning app from apps/ with Voilà
     until Ctrl-C or SIGTERM; prints the URLs (with the token). Returns the exit code."""
     from toolkit.ui.apps import CLEAN_APP, write_apps
-    from toolkit.ui.voila import launch_voila, preheat_args, stop_voila
+    from toolkit.ui.voila import WITH_API, launch_voila, preheat_args, stop_voila
 
     token = _token(token)
     warning = check_bind(host, token, allowed_hosts)
@@ -174,7 +175,7 @@ def serve_dashboards(settings, host: str = "127.0.0.1", port: int = 8866, *, tok
     proc = None
     try:  # from here on, Ctrl-C or SIGTERM at any moment stops Voila and its kernels too
         proc = launch_voila(apps, port, host, env, log_path=log, extra_args=extra, cwd=settings.root,
-                            timeout=timeout)
+                            timeout=timeout, module=WITH_API)
         base = f"http://{_shown(host)}:{port}"
         out(f"serving {len(settings.classifiers)} dashboard(s); open:")
         out(f"  {'index':<12} {with_token(f'{base}/voila/render/index.ipynb', token)}")
@@ -183,6 +184,8 @@ def serve_dashboards(settings, host: str = "127.0.0.1", port: int = 8866, *, tok
             out(f"  {name:<12} {with_token(f'{base}/voila/render/{name}.ipynb', token)}{state}")
         clean_state = "" if (apps / CLEAN_APP).is_file() else "  (not installed yet)"
         out(f"  {'cleaning':<12} {with_token(f'{base}/voila/render/{CLEAN_APP}', token)}{clean_state}")
+        out(f"JSON API: POST an image to {base}/api/predict/NAME"
+            + (" with the header 'Authorization: token TOKEN' (the token above)" if token else ""))
         if warning:
             out(warning)
         if not token:
@@ -233,3 +236,38 @@ def serve_cleaner(spec, settings_path: str | Path, data: str | Path | None = Non
         if process is not None:
             stop_voila(process, grace=STOP_GRACE_S)
         signal.signal(signal.SIGTERM, previous)
+
+
+def serve_bundle(root: str | Path = ".", environ: dict[str, str] | None = None) -> int:
+    """A deployed bundle's start.sh: Voilà with the API on $HOST:$PORT (default 0.0.0.0:8866),
+    public unless $TOKEN is set, any Host accepted (a bundle is meant to be reached by its public
+    name, behind whatever proxy hosts it). Prints the URLs, then becomes Voilà (exec)."""
+    import json
+
+    from toolkit.ui.voila import WITH_API, voila_command
+
+    env = dict(os.environ if environ is None else environ)
+    root = Path(root).resolve()
+    host = env.get("HOST") or "0.0.0.0"
+    try:
+        port = int(env.get("PORT") or 8866)
+        if not 0 < port < 65536:
+            raise ValueError
+        names = json.loads((root / "bundle.json").read_text())["classifiers"]
+    except ValueError:
+        print(f"error: PORT={env.get('PORT')!r} is not a port number (or bundle.json is broken)", file=sys.stderr)
+        return 2
+    token = env.get("TOKEN", "")
+    base = f"http://{_shown(host)}:{port}"
+    _print(f"serving {len(names)} dashboard(s) and the JSON API on {host}:{port}; open:")
+    for name in names:
+        _print(f"{name}: {with_token(f'{base}/voila/render/{name}.ipynb', token)}")
+    _print(f"index: {with_token(f'{base}/voila/render/index.ipynb', token)}")
+    _print(f"JSON API: POST an image to {base}/api/predict/NAME"
+           + (" with the header 'Authorization: token $TOKEN'" if token else " (public; set TOKEN to guard it)"))
+    args = voila_security_args(host, token=token, host_check=False)
+    sys.stdout.flush()
+    command = voila_command(root / "apps", port, host, args, WITH_API)
+    os.chdir(root)
+    os.execve(sys.executable, command, voila_env(dict(env, TOOLKIT_SETTINGS=str(root / "settings.ini")), token))
+    return 1  # not reached

@@ -62,9 +62,14 @@ def _die_with_parent() -> object | None:
     return preexec
 
 
+VOILA = "voila"
+WITH_API = "toolkit.ui.api"  # Voilà's app plus the JSON prediction API (toolkit.ui.api)
+
+
 def voila_command(path: str | Path, port: int, host: str = "127.0.0.1",
-                  extra_args: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "voila", str(path), "--no-browser", f"--port={port}", f"--Voila.ip={host}",
+                  extra_args: Sequence[str] = (), module: str = VOILA) -> list[str]:
+    """The command line: `python -m voila` or, with module=WITH_API, Voilà with the API."""
+    return [sys.executable, "-m", module, str(path), "--no-browser", f"--port={port}", f"--Voila.ip={host}",
             "--Voila.port_retries=0", "--strip_sources=True", *extra_args]
 
 
@@ -79,7 +84,7 @@ def preheat_args(preheated: Sequence[str], others: Sequence[str]) -> list[str]:
 
 def launch_voila(path: str | Path, port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None,
                  *, log_path: str | Path | None = None, extra_args: Sequence[str] = (),
-                 timeout: float = 120, cwd: str | Path | None = None) -> subprocess.Popen:
+                 timeout: float = 120, cwd: str | Path | None = None, module: str = VOILA) -> subprocess.Popen:
     """Start Voilà on a notebook or folder and return once it accepts connections.
 
     The process runs in its own session (`stop_voila` can kill the whole group) and gets SIGTERM
@@ -94,9 +99,9 @@ def launch_voila(path: str | Path, port: int, host: str = "127.0.0.1", env: dict
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(voila_command(path, port, host, extra_args), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
-                                preexec_fn=_die_with_parent())
+        proc = subprocess.Popen(voila_command(path, port, host, extra_args, module), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                                start_new_session=True, preexec_fn=_die_with_parent())
     proc.log_path = log_path  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)

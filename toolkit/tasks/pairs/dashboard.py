@@ -22,12 +22,11 @@ from toolkit.core.config import ClassifierSpec
 from toolkit.core.errors import ToolkitError
 from toolkit.core.html import (
     MAX_UPLOAD_BYTES,
-    THUMB,
     error_html,
     header_html,
-    image_bytes,
     one_line,
     probability_bars,
+    show_thumbnail,
     shrunk,
 )
 from toolkit.core.images import MAX_PIXELS, open_image
@@ -92,9 +91,10 @@ class PairDashboard:
         self.result.add_class("toolkit-pair-result")
         self.uploads, self.thumbs = [], []
         for label in ("first shoe", "second shoe"):
-            upload = widgets.FileUpload(accept="image/*", multiple=False, description=f"Upload {label}")
+            upload = widgets.FileUpload(accept="image/*", multiple=False, description=f"Upload {label}",
+                                        layout=widgets.Layout(width="auto", min_width="13em"))
             upload.add_class("toolkit-upload")
-            thumb = widgets.Image(format="jpeg", layout=widgets.Layout(max_width=f"{THUMB}px"))
+            thumb = widgets.Image(format="jpeg", layout=widgets.Layout(display="none"))  # shown once uploaded
             thumb.add_class("toolkit-thumb")
             self.uploads.append(upload)
             self.thumbs.append(thumb)
@@ -159,10 +159,10 @@ class PairDashboard:
     def set_photo(self, index: int, name: str, content) -> str | None:
         """Decode one upload (one-line errors), show it, and compare once both photos are there."""
         self.images[index], self.names[index], self.result.value = None, "", ""
-        self.thumbs[index].value = b""
+        show_thumbnail(self.thumbs[index], None)
         img = open_image(bytes(content or b""), name=name, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
         self.images[index], self.names[index] = shrunk(img, 1024), name
-        self.thumbs[index].value = image_bytes(shrunk(img, THUMB))
+        show_thumbnail(self.thumbs[index], img)
         return self.compare()
 
     def compare(self) -> str | None:
