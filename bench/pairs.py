@@ -44,12 +44,12 @@ def main() -> int:
     from toolkit.stages.train import train
     from toolkit.tasks.pairs.predictor import PairPredictor, score_pairs
 
-    extra = "".join(f"{line.split('=', 1)[0].strip()} = {line.split('=', 1)[1].strip()}\n" for line in args.set)
+    keys = {"task": "pairs", "approach": "both", "data": str(DATA), "size": args.size, "epochs": args.epochs,
+            "freeze_epochs": args.freeze_epochs, "bs": args.bs, "valid_pct": 0.25, "arch": args.arch}
+    keys.update({line.split("=", 1)[0].strip(): line.split("=", 1)[1].strip() for line in args.set})  # --set wins
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "settings.ini").write_text(
-            f"[shoes]\ntask = pairs\napproach = both\ndata = {DATA}\nsize = {args.size}\nepochs = {args.epochs}\n"
-            f"freeze_epochs = {args.freeze_epochs}\nbs = {args.bs}\nvalid_pct = 0.25\narch = {args.arch}\n{extra}")
+        (root / "settings.ini").write_text("[shoes]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
         spec = load_settings(root / "settings.ini").get("shoes")
         started = time.time()
         metrics = train(spec, progress=False, log=lambda line: print("  toolkit:", line, flush=True))

@@ -104,7 +104,7 @@ def test_repo_settings_have_the_cars_ensemble_and_its_app():
 
     cars = load_settings(REPO / "settings.ini").get("cars")
     assert cars.classes == ["sedan", "coupe", "SUV", "truck"] and len(cars.queries) >= 2
-    assert cars.ensemble == [{"size": 75}, {"size": 100}] and cars.ensemble_mode == "class_weighted"
+    assert cars.ensemble == [{"size": 75}, {"size": 100}] and cars.ensemble_mode == "auto"
     committed = nbformat.read(REPO / "apps" / "cars.ipynb", as_version=4)
     assert committed.cells[0].source == app_notebook("cars").cells[0].source
 
