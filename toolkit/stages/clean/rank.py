@@ -344,11 +344,11 @@ def outlier_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[s
     knn = 1 - graph.cosine[:, :kk].mean(axis=1) if kk else np.zeros(n)
     y = np.array([classes.index(c) for c in labels])
     sums = np.zeros((len(classes), emb.shape[1]))
-    for start in range(0, n, 4096):  # class sums in chunks: a memory-mapped matrix is read once
-        np.add.at(sums, y[start : start + 4096], np.asarray(emb[start : start + 4096], np.float64))
+    for start in range(0, n, 512):  # class sums in chunks: a memory-mapped matrix is read once
+        np.add.at(sums, y[start : start + 512], np.asarray(emb[start : start + 512], np.float64))
     centroids = sums / (np.linalg.norm(sums, axis=1, keepdims=True) + 1e-9)
-    centroid_dist = np.concatenate([1 - (np.asarray(emb[s_ : s_ + 4096]) @ centroids.T).max(axis=1)
-                                    for s_ in range(0, n, 4096)]) if n else np.zeros(0)
+    centroid_dist = np.concatenate([1 - (np.asarray(emb[s_ : s_ + 512]) @ centroids.T).max(axis=1)
+                                    for s_ in range(0, n, 512)]) if n else np.zeros(0)
     low_conf = 1 - probs.max(axis=1)
     score = 0.5 * _percentile_rank(knn) + 0.25 * _percentile_rank(centroid_dist) + 0.25 * _percentile_rank(low_conf)
     med = np.median(knn)
