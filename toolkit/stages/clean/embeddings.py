@@ -134,13 +134,13 @@ class Store:
                 self.rows.setdefault(sha, len(self.phash))
                 self.phash.append(phash)
                 self.stats.append(text)
-            with open(self.index, "r+", encoding="ascii") as handle:
-                header = handle.readline()
-                handle.seek(len(header))
-                for _ in range(n):
+            with open(self.index, "r+b") as handle:
+                for _ in range(n + 1):  # the header and the n rows read: a torn tail after them goes
                     handle.readline()
-                handle.truncate(handle.tell())
-                handle.write("".join(lines))
+                end = handle.tell()
+                handle.truncate(end)
+                handle.seek(end)
+                handle.write("".join(lines).encode("ascii"))
                 handle.flush()
                 os.fsync(handle.fileno())
 

@@ -4,9 +4,10 @@ score (kNN distance) and kNN label disagreement. No n x n matrix is ever built.
 Exact brute-force cosine search in query blocks of at most QUERY_BYTES of similarities (a BLAS
 product and `np.argpartition` per block: memory O(n * k) plus one block). scikit-learn's
 `NearestNeighbors(algorithm="brute")` was tried first: 10 s and 113 MB traced for 3,000 x 784
-against 0.4 s and 11 MB here (its query blocks hold float64 distances and int64 argsorts). Above `PCA_ABOVE` images the search runs on a 128-dimension PCA projection (fitted on at
-most `PCA_SAMPLE` rows, re-normalised), which makes the search ~10x cheaper; the cosines kept in the
-graph are then recomputed exactly on the full embeddings for the pairs found.
+against 0.4 s and 11 MB here (its query blocks hold float64 distances and int64 argsorts).
+Above `PCA_ABOVE` images the search runs on a 128-dimension PCA projection (fitted on at most
+`PCA_SAMPLE` rows, re-normalised), which makes the search ~10x cheaper; the cosines kept in the graph
+are then recomputed exactly on the full embeddings for the pairs found.
 """
 
 from __future__ import annotations
