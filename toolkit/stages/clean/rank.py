@@ -168,7 +168,7 @@ def out_of_fold_probs(emb: np.ndarray, labels: np.ndarray, n_classes: int, folds
 
 
 SCORES = ("self_confidence", "normalized_margin", "knn_disagreement", "combined")
-DEFAULT_SCORE = "combined"  # chosen on bench/clean.py (BENCHMARKS.md): asymmetric noise at 20% and 40%
+DEFAULT_SCORE = "self_confidence"  # the measured default until bench/clean.py (BENCHMARKS.md) picks another
 BATCHED_ABOVE = 20000  # images: label issues found by cleanlab's batched finder (bounded memory)
 
 
