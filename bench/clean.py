@@ -1,16 +1,23 @@
-"""Benchmark: finding flipped labels in clothing-small, the fastai way vs the toolkit's out-of-fold ranking.
+"""Benchmark: finding flipped labels in clothing-small under asymmetric, class-conditional noise.
 
-clothing-small train, a seeded random subsample (default 1,000 images, to stay within ~15 minutes on
-2 CPU cores), 10% of labels flipped to another class (seeded). Both methods see the same noisy
-labels at the same image size and report precision and recall at k = number flipped, and wall time.
+All of clothing-small train (3,068 photos). Noise: in every class, `rate` (20% and 40%) of the images
+flip into one or two fixed neighbour classes (the class's nearest class centroids in embedding space;
+the number, 1 or 2, and which images flip are seeded); repeated for `--seeds` seeds (hold-out).
 
-(a) fastai: Learner (the toolkit's EfficientNet-Lite0 body + fastai head, as `vision_learner`
-    builds it) `fine_tune(1)` on a random 80/20 split, then the losses of every image in train and
-    valid (what ImageClassifierCleaner shows), highest first;
-(b) toolkit: pretrained embeddings (cold: no cache) + 5-fold logistic-regression heads ->
-    out-of-fold probabilities -> cleanlab label quality scores, lowest first.
+Scores (each ranks all images, most suspicious first), all in the same run on the same labels:
+- self_confidence, normalized_margin: cleanlab's label-quality scores on 5-fold out-of-fold
+  logistic-regression probabilities over pretrained embeddings (toolkit.stages.clean.rank);
+- knn_disagreement: fraction of the 10 nearest embedding neighbours with another given label;
+- combined (w): self-confidence on (1 - w) * out-of-fold + w * kNN class shares, w in 0.3, 0.5, 0.7;
+- rank_mean: the mean of the self-confidence and kNN-disagreement percentile ranks;
+baselines: fastai's in-sample top losses (a real Learner, EfficientNet-Lite0 body + fastai head,
+`fine_tune(1)` on the noisy labels, 80/20 split: what ImageClassifierCleaner shows) and cleanlab's
+default `find_label_issues` (a set, not a ranking: its precision and recall).
+Figures: precision@k and recall@k at k = number flipped, AUPRC; seconds per 1,000 images cold
+(embeddings computed) and warm (from the cache) for the toolkit's ranking.
 
-Usage: python bench/clean.py [--n 1000] [--size 128] [--seed 0] [--skip-fastai]. Last line: RESULT {json}.
+Usage: python bench/clean.py [--size 128] [--seeds 0,1] [--rates 0.2,0.4] [--skip-fastai] [--n N].
+Last line: RESULT {json}.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,19 +37,72 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from toolkit.data import list_labelled_images  # noqa: E402
-from toolkit.stages.clean.embeddings import compute_embeddings  # noqa: E402
-from toolkit.stages.clean.rank import flip_labels, label_issue_table, out_of_fold_probs  # noqa: E402
+from toolkit.stages.clean.embeddings import embed  # noqa: E402
+from toolkit.stages.clean.neighbours import knn_disagreement, knn_graph, knn_label_probs  # noqa: E402
+from toolkit.stages.clean.rank import label_scores, mixed_probs, out_of_fold_probs  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets" / "clothing-small" / "train"
 
 
-def precision_recall(ranked: list[int], flipped: set[int]) -> tuple[float, float]:
+def asymmetric_noise(y: np.ndarray, emb: np.ndarray, n_classes: int, rate: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray, dict[int, list[int]]]:
+    """Noisy labels, the flipped indices and each class's targets (its 1 or 2 nearest class centroids)."""
+    rng = random.Random(seed)
+    cent = np.stack([np.asarray(emb[y == c]).mean(0) for c in range(n_classes)])
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    sims = cent @ cent.T
+    np.fill_diagonal(sims, -np.inf)
+    targets = {c: [int(t) for t in np.argsort(-sims[c])[: rng.choice([1, 2])]] for c in range(n_classes)}
+    noisy = y.copy()
+    flipped = []
+    for c in range(n_classes):
+        idx = np.flatnonzero(y == c).tolist()
+        for i in rng.sample(idx, round(rate * len(idx))):
+            noisy[i] = rng.choice(targets[c])
+            flipped.append(i)
+    return noisy, np.array(sorted(flipped)), targets
+
+
+def figures(suspicion: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
+    """precision@k, recall@k (k = number flipped) and AUPRC of a suspicion score (high = flipped)."""
+    from sklearn.metrics import average_precision_score
+
+    truth = np.zeros(len(suspicion), dtype=bool)
+    truth[flipped] = True
     k = len(flipped)
-    hits = len(set(ranked[:k]) & flipped)
-    return hits / k, hits / k  # at k = #flipped, precision equals recall
+    top = np.argsort(-suspicion, kind="stable")[:k]
+    hits = truth[top].sum()
+    return {"precision_at_k": round(hits / k, 3), "recall_at_k": round(hits / k, 3),
+            "auprc": round(float(average_precision_score(truth, suspicion)), 3)}
 
 
-def fastai_way(files, labels, classes, size: int, seed: int) -> list[int]:
+def percentile(values: np.ndarray) -> np.ndarray:
+    ranks = np.empty(len(values))
+    ranks[np.argsort(values, kind="stable")] = np.arange(len(values))
+    return ranks / max(1, len(values) - 1)
+
+
+def toolkit_scores(emb: np.ndarray, noisy: np.ndarray, n_classes: int, seed: int, graph) -> dict[str, np.ndarray]:
+    """Every score as suspicion (high = likely flipped)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        probs = out_of_fold_probs(emb, noisy, n_classes, folds=5, seed=seed)
+    kp = knn_label_probs(graph, noisy, n_classes)
+    dis = knn_disagreement(graph, noisy)
+    base = label_scores(noisy, probs, kp, dis)
+    out = {name: 1 - base[name] for name in ("self_confidence", "normalized_margin", "knn_disagreement")}
+    from cleanlab.rank import get_label_quality_scores
+
+    for w in (0.3, 0.5, 0.7):
+        out[f"combined_{w}"] = 1 - get_label_quality_scores(noisy, mixed_probs(probs, kp, w), method="self_confidence")
+    out["rank_mean"] = 0.5 * percentile(out["self_confidence"]) + 0.5 * percentile(dis)
+    out["_probs"] = probs
+    return out
+
+
+def fastai_losses(files, noisy_names, classes, size: int, seed: int) -> np.ndarray:
+    """In-sample losses of a fastai Learner fine-tuned once on the noisy labels (train + valid)."""
     import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
     import fastai.callback.schedule  # noqa: F401  (adds Learner.fine_tune)
     import torch
@@ -54,76 +116,100 @@ def fastai_way(files, labels, classes, size: int, seed: int) -> list[int]:
 
     torch.manual_seed(seed)
     is_valid = split_random(len(files), 0.2, seed)
-    dataset = Dataset(Path(DATA), list(files), list(labels), is_valid, list(classes))
+    dataset = Dataset(Path(DATA), list(files), list(noisy_names), is_valid, list(classes))
     backbone = get_backbone("efficientnet_lite0")
     dls = make_dataloaders(dataset, size, 32, backbone.mean, backbone.std, seed=seed, progress=False)
     learn = Learner(dls, create_model("efficientnet_lite0", len(classes)), loss_func=CrossEntropyLossFlat(),
                     metrics=accuracy, splitter=body_head_split)
+    position = {f: i for i, f in enumerate(files)}
+    losses = np.zeros(len(files))
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(1, base_lr=2e-3)
-        losses = {}
-        for ds_idx, idx in ((0, [i for i, v in enumerate(is_valid) if not v]),
-                            (1, [i for i, v in enumerate(is_valid) if v])):
+        for ds_idx in (0, 1):
             dl = learn.dls[ds_idx].new(shuffle=False, drop_last=False)
             _, _, loss = learn.get_preds(dl=dl, with_loss=True)
-            order = [files.index(f) for f in dl.items] if len(dl.items) == len(idx) else idx
-            for i, value in zip(order, loss.tolist(), strict=True):
-                losses[i] = value
-    return sorted(losses, key=lambda i: -losses[i])
-
-
-def toolkit_way(files, labels, classes, size: int, seed: int) -> list[int]:
-    emb, _, _ = compute_embeddings(files, arch="efficientnet_lite0", size=size, cache_dir=None)
-    y = np.array([classes.index(c) for c in labels])
-    probs = out_of_fold_probs(emb, y, len(classes), folds=5, seed=seed)
-    rel = [str(i) for i in range(len(files))]
-    rows = label_issue_table(rel, labels, classes, probs, ["train"] * len(files))
-    return [int(r["file"]) for r in rows]
+            for item, value in zip(dl.items, loss.tolist(), strict=True):
+                losses[position[item if not isinstance(item, tuple) else item[0]]] = value
+    return losses
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-fastai", action="store_true", help="time only the out-of-fold ranking")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--rates", default="0.2,0.4")
+    parser.add_argument("--n", type=int, default=0, help="a seeded subsample (0: all 3,068 photos)")
+    parser.add_argument("--skip-fastai", action="store_true")
+    parser.add_argument("--fastai-seeds", default="", help="train fastai only for these seeds (default: all)")
     args = parser.parse_args()
     import torch
+    from cleanlab.filter import find_label_issues
 
     torch.set_num_threads(2)
     files, labels = list_labelled_images(DATA)
-    rng = random.Random(args.seed)
-    pick = sorted(rng.sample(range(len(files)), min(args.n, len(files))))
-    files, true = [files[i] for i in pick], [labels[i] for i in pick]
-    classes = sorted(set(true))
-    noisy, flipped_idx = flip_labels(true, classes, 0.10, seed=args.seed)
-    flipped = set(flipped_idx)
-    print(f"{len(files)} images of clothing-small train, {len(classes)} classes, {len(flipped)} labels flipped, "
-          f"{args.size}px", flush=True)
-
+    if args.n:
+        pick = sorted(random.Random(0).sample(range(len(files)), args.n))
+        files, labels = [files[i] for i in pick], [labels[i] for i in pick]
+    classes = sorted(set(labels))
+    y = np.array([classes.index(c) for c in labels])
+    print(f"{len(files)} photos of clothing-small train, {len(classes)} classes, {args.size}px", flush=True)
+    cache = Path(tempfile.mkdtemp(prefix="bench-clean-"))
     start = time.perf_counter()
-    ranked_b = toolkit_way(files, noisy, classes, args.size, args.seed)
-    time_b = time.perf_counter() - start
-    pb, rb = precision_recall(ranked_b, flipped)
-    print(f"(b) out-of-fold: precision@k {pb:.3f} recall@k {rb:.3f} in {time_b:.1f} s", flush=True)
-
-    if args.skip_fastai:
-        print("RESULT " + json.dumps({"n": len(files), "flipped": len(flipped), "size": args.size, "out_of_fold": {
-            "precision_at_k": round(pb, 3), "recall_at_k": round(rb, 3), "seconds": round(time_b, 1)}}))
-        return
+    emb = embed(files, size=args.size, cache_dir=cache).embeddings
+    t_embed_cold = time.perf_counter() - start
     start = time.perf_counter()
-    ranked_a = fastai_way(files, noisy, classes, args.size, args.seed)
-    time_a = time.perf_counter() - start
-    pa, ra = precision_recall(ranked_a, flipped)
-    print(f"(a) fastai fine_tune(1) + top losses: precision@k {pa:.3f} recall@k {ra:.3f} in {time_a:.1f} s",
-          flush=True)
+    emb = np.asarray(embed(files, size=args.size, cache_dir=cache).embeddings)
+    t_embed_warm = time.perf_counter() - start
+    start = time.perf_counter()
+    graph = knn_graph(emb)
+    t_graph = time.perf_counter() - start
 
-    result = {"n": len(files), "classes": len(classes), "flipped": len(flipped), "size": args.size,
-              "fastai": {"precision_at_k": round(pa, 3), "recall_at_k": round(ra, 3), "seconds": round(time_a, 1)},
-              "out_of_fold": {"precision_at_k": round(pb, 3), "recall_at_k": round(rb, 3),
-                              "seconds": round(time_b, 1), "seconds_per_1000": round(time_b * 1000 / len(files), 1)},
-              "time_ratio_fastai_over_oof": round(time_a / time_b, 2)}
-    print("RESULT " + json.dumps(result))
+    runs, rank_seconds = [], []
+    for rate in [float(r) for r in args.rates.split(",")]:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            noisy, flipped, targets = asymmetric_noise(y, emb, len(classes), rate, seed)
+            start = time.perf_counter()
+            scores = toolkit_scores(emb, noisy, len(classes), seed, graph)
+            rank_seconds.append(time.perf_counter() - start)
+            probs = scores.pop("_probs")
+            row = {"rate": rate, "seed": seed, "flipped": len(flipped),
+                   "targets": {classes[c]: [classes[t] for t in ts] for c, ts in targets.items()},
+                   "scores": {name: figures(s, flipped) for name, s in scores.items()}}
+            mask = find_label_issues(noisy, probs)
+            hits = int(mask[flipped].sum())
+            row["cleanlab_find_label_issues"] = {"flagged": int(mask.sum()),
+                                                 "precision": round(hits / max(1, mask.sum()), 3),
+                                                 "recall": round(hits / len(flipped), 3)}
+            if not args.skip_fastai and (not args.fastai_seeds or str(seed) in args.fastai_seeds.split(",")):
+                start = time.perf_counter()
+                losses = fastai_losses(files, [classes[c] for c in noisy], classes, args.size, seed)
+                row["fastai_top_losses"] = {**figures(losses, flipped),
+                                            "seconds": round(time.perf_counter() - start, 1)}
+            runs.append(row)
+            line = ", ".join(f"{n} {f['precision_at_k']:.3f}/{f['auprc']:.3f}" for n, f in row["scores"].items())
+            print(f"rate {rate} seed {seed}: precision@k/AUPRC {line}; cleanlab set {row['cleanlab_find_label_issues']}"
+                  + (f"; fastai {row['fastai_top_losses']}" if "fastai_top_losses" in row else ""), flush=True)
+    names = list(runs[0]["scores"])
+    mean = {n: round(float(np.mean([r["scores"][n]["precision_at_k"] for r in runs])), 3) for n in names}
+    winner = max(mean, key=mean.get)
+    n = len(files)
+    cold = (t_embed_cold + t_graph + np.mean(rank_seconds)) * 1000 / n
+    warm = (t_embed_warm + t_graph + np.mean(rank_seconds)) * 1000 / n
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    by_rate = {str(rate): {name: round(float(np.mean([r["scores"][name]["precision_at_k"] for r in runs
+                                                       if r["rate"] == rate])), 3) for name in names + ["fastai"]
+                           if name != "fastai" or any("fastai_top_losses" in r for r in runs)}
+               for rate in sorted({r["rate"] for r in runs})}
+    for rate, table in by_rate.items():
+        if "fastai" in table:
+            table["fastai"] = round(float(np.mean([r["fastai_top_losses"]["precision_at_k"] for r in runs
+                                                   if str(r["rate"]) == rate and "fastai_top_losses" in r])), 3)
+    print(f"mean precision@k: {mean}; winner {winner}; by rate {by_rate}")
+    print(f"seconds per 1,000 images: cold {cold:.1f} (embeddings {t_embed_cold:.1f} s), warm {warm:.2f}; "
+          f"peak RSS {peak:.0f} MB")
+    print("RESULT " + json.dumps({"n": n, "size": args.size, "runs": runs, "mean_precision_at_k": mean,
+                                  "by_rate": by_rate, "winner": winner, "s_per_1000_cold": round(cold, 2),
+                                  "s_per_1000_warm": round(warm, 3), "peak_rss_mb": round(peak)}))
 
 
 if __name__ == "__main__":

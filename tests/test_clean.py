@@ -334,7 +334,7 @@ def test_cli_report_json_and_apply(project, ranked):
     done = run_cli("clean", "c", "--report", "--json", "--quiet", cwd=project["root"], timeout=300)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(out) == {"label_issues", "duplicates", "outliers"}
+    assert set(out) == {"label_issues", "duplicates", "outliers", "quality", "confusion"}
     scores = [row["score"] for row in out["label_issues"]]
     assert scores == sorted(scores) and out["label_issues"]
     for row in out["label_issues"]:

@@ -1,14 +1,28 @@
 """Pretrained-backbone embeddings, batched, cached on disk by file sha256 + backbone + size.
 
 Inputs are prepared exactly like training: `load_squished` (squish to size x size) and the
-backbone's mean/std. Features are the body's output, global-average pooled.
+backbone's mean/std. Features are the body's output, global-average pooled, L2-normalised.
+
+The cache (one per backbone and size, under `cache_dir`) is two append-only files, so memory stays
+bounded as the data set grows and a later visit computes only the new images:
+
+- `embeddings-ARCH-SIZE.f32`: raw float32 rows, `dim` values each, opened with `np.memmap`;
+- `embeddings-ARCH-SIZE.index`: a header line `# dim=D`, then one line per row, in row order:
+  `sha256 TAB phash TAB quality stats` (see `QUALITY_STATS`; computed from the same decoded thumbnail).
+
+Rows are appended in chunks (data first, fsync, then the index lines, fsync) under an flock, so a
+crash leaves at most a tail the next reader ignores (rows = complete index lines backed by data).
+The old `embeddings-ARCH-SIZE.npz` cache is not read (it held every row in one dict).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,30 +30,119 @@ import numpy as np
 from toolkit.core.images import load_squished, perceptual_hash, sha256_file
 
 DEFAULT_SIZE = 128
+FLUSH_ROWS = 1024  # rows appended to the cache at a time (bounds the memory of a long first visit)
+# per image, from the size x size thumbnail (grey = ITU-R 601 luma), plus the file's own pixel size
+QUALITY_STATS = ("brightness", "blur", "entropy", "colourfulness", "width", "height")
 
 
 def cache_path(cache_dir: Path, arch: str, size: int) -> Path:
-    return Path(cache_dir) / f"embeddings-{arch}-{size}.npz"
+    """The float32 rows file of one backbone and size (its index is the same name with `.index`)."""
+    return Path(cache_dir) / f"embeddings-{arch}-{size}.f32"
 
 
-def _read_cache(path: Path) -> dict[str, tuple[np.ndarray, str]]:
-    if not path.is_file():
-        return {}
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys, phashes = data["sha256"].tolist(), data["phash"].tolist()
-            return {h: (e, p) for h, e, p in zip(keys, data["embeddings"], phashes, strict=True)}
-    except Exception:  # a damaged cache is rebuilt, never trusted
-        return {}
+def image_stats(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    """QUALITY_STATS of one uint8 HWC RGB thumbnail: mean brightness 0..1, variance of the Laplacian
+    (grey 0..255), grey-level entropy in bits (0..8), mean channel spread 0..1, file width, height."""
+    rgb = array.astype(np.float32)
+    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    lap = (grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1])
+    hist = np.bincount(grey.astype(np.uint8).ravel(), minlength=256).astype(np.float64)
+    p = hist[hist > 0] / hist.sum()
+    spread = (np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])
+              + np.abs(rgb[..., 0] - rgb[..., 2])).mean() / (3 * 255)
+    return np.array([grey.mean() / 255, lap.var() if lap.size else 0.0, -(p * np.log2(p)).sum(), spread,
+                     width, height], np.float32)
 
 
-def _write_cache(path: Path, entries: dict[str, tuple[np.ndarray, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = sorted(entries)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, sha256=np.array(keys), embeddings=np.stack([entries[k][0] for k in keys]).astype(np.float32),
-             phash=np.array([entries[k][1] for k in keys]))
-    os.replace(tmp, path)
+class Store:
+    """The append-only cache of one backbone and size (see the module docstring)."""
+
+    def __init__(self, cache_dir: Path, arch: str, size: int):
+        self.data = cache_path(cache_dir, arch, size)
+        self.index = self.data.with_suffix(".index")
+        self.dim = 0
+        self.rows: dict[str, int] = {}
+        self.phash: list[str] = []
+        self.stats: list[str] = []
+        self._read()
+
+    def _read(self) -> None:
+        self.rows, self.phash, self.stats, self.dim = {}, [], [], 0
+        if not (self.index.is_file() and self.data.is_file()):
+            return
+        try:
+            with open(self.index, encoding="ascii") as handle:
+                header = handle.readline()
+                if not header.startswith("# dim=") or not header.endswith("\n"):
+                    return
+                self.dim = int(header[6:])
+                backed = self.data.stat().st_size // (4 * self.dim)
+                for line in handle:
+                    if not line.endswith("\n") or len(self.phash) >= backed:
+                        break  # a tail cut by a crash
+                    sha, phash, stats = line.rstrip("\n").split("\t")
+                    self.rows.setdefault(sha, len(self.phash))
+                    self.phash.append(phash)
+                    self.stats.append(stats)
+        except (OSError, ValueError, UnicodeDecodeError):  # a damaged cache is rebuilt, never trusted
+            self.rows, self.phash, self.stats, self.dim = {}, [], [], 0
+
+    def matrix(self) -> np.ndarray:
+        """Every stored row, memory-mapped read-only: (rows, dim) float32."""
+        if not self.phash:
+            return np.zeros((0, max(self.dim, 1)), np.float32)
+        return np.memmap(self.data, dtype=np.float32, mode="r", shape=(len(self.phash), self.dim))
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.data.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.data.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def append(self, shas: Sequence[str], feats: np.ndarray, phashes: Sequence[str], stats: np.ndarray) -> None:
+        """Add rows (data, fsync, then index lines, fsync), after re-reading what another process added."""
+        if not len(shas):
+            return
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        with self._locked():
+            self._read()
+            if self.dim and self.dim != feats.shape[1]:
+                self.rows, self.phash, self.stats, self.dim = {}, [], [], 0  # another backbone body: start again
+            fresh = not self.dim
+            if fresh:
+                self.dim = feats.shape[1]
+                tmp = self.index.with_name(self.index.name + f".tmp{os.getpid()}")
+                tmp.write_text(f"# dim={self.dim}\n", encoding="ascii")
+                with open(self.data, "wb"):
+                    pass
+                os.replace(tmp, self.index)
+            n = len(self.phash)
+            with open(self.data, "r+b") as handle:
+                handle.truncate(n * 4 * self.dim)  # drop a tail no index line names
+                handle.seek(0, os.SEEK_END)
+                handle.write(feats.tobytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+            lines = []
+            for sha, phash, row in zip(shas, phashes, stats, strict=True):
+                text = ",".join(f"{v:.6g}" for v in row)
+                lines.append(f"{sha}\t{phash}\t{text}\n")
+                self.rows.setdefault(sha, len(self.phash))
+                self.phash.append(phash)
+                self.stats.append(text)
+            with open(self.index, "r+b") as handle:
+                for _ in range(n + 1):  # the header and the n rows read: a torn tail after them goes
+                    handle.readline()
+                end = handle.tell()
+                handle.truncate(end)
+                handle.seek(end)
+                handle.write("".join(lines).encode("ascii"))
+                handle.flush()
+                os.fsync(handle.fileno())
 
 
 def _model(arch: str):
@@ -54,14 +157,106 @@ def _model(arch: str):
     return body, mean, std
 
 
-def _decode(path: Path, size: int) -> tuple[np.ndarray | None, str]:
+def _decode(path: Path, size: int) -> tuple[np.ndarray | None, str, np.ndarray | None]:
     from PIL import Image
 
     try:
+        with Image.open(path) as img:
+            width, height = img.size
         array = load_squished(path, size)
     except Exception:
-        return None, ""
-    return array, perceptual_hash(Image.fromarray(array))
+        return None, "", None
+    return array, perceptual_hash(Image.fromarray(array)), image_stats(array, width, height)
+
+
+@dataclass
+class Embedded:
+    """compute_embeddings' result with the per-image quality stats (row i = files[i]; NaN where undecodable)."""
+
+    embeddings: np.ndarray
+    phash: list[str]
+    sha256: list[str]
+    stats: np.ndarray
+
+
+def embed(files: Sequence[Path], *, arch: str = "efficientnet_lite0", size: int = DEFAULT_SIZE,
+          cache_dir: Path | None = None, bs: int = 32, hashes: Sequence[str] | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Embedded:
+    """Embeddings, perceptual hashes, sha256 and quality stats per file; only images not in the cache are
+    decoded and run through the backbone. Without `cache_dir` the store lives in a temporary folder."""
+    import tempfile
+
+    files = [Path(f) for f in files]
+    if hashes is None:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            hashes = list(pool.map(sha256_file, files))
+    hashes = list(hashes)
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="toolkit-emb-") as tmp:
+            out = embed(files, arch=arch, size=size, cache_dir=Path(tmp), bs=bs, hashes=hashes, progress=progress)
+            return Embedded(np.array(out.embeddings), out.phash, out.sha256, out.stats)
+    store = Store(cache_dir, arch, size)
+    first: dict[str, int] = {}
+    for i, h in enumerate(hashes):
+        if h not in store.rows:
+            first.setdefault(h, i)
+    todo = list(first.values())
+    if todo:
+        _compute(files, hashes, todo, store, arch, size, bs, progress)
+    mat = store.matrix()
+    rows = np.array([store.rows.get(h, -1) for h in hashes], dtype=np.int64)
+    n, dim = len(hashes), mat.shape[1]
+    if n and rows[0] >= 0 and (rows == np.arange(rows[0], rows[0] + n)).all():
+        emb = mat[rows[0] : rows[0] + n]  # the common case (same files, same order): no copy at all
+    else:
+        emb = np.zeros((n, dim), np.float32)
+        for start in range(0, n, 4096):  # gather in chunks: no index array over the whole matrix twice
+            part = rows[start : start + 4096]
+            ok = part >= 0
+            emb[start : start + 4096][ok] = mat[part[ok]]
+    stats = np.full((n, len(QUALITY_STATS)), np.nan, np.float32)
+    for i, r in enumerate(rows):
+        if r >= 0:
+            stats[i] = np.array(store.stats[r].split(","), np.float32)
+    return Embedded(emb, [store.phash[r] if r >= 0 else "" for r in rows], hashes, stats)
+
+
+def _compute(files: list[Path], hashes: list[str], todo: list[int], store: Store, arch: str, size: int, bs: int,
+             progress: Callable[[int, int], None] | None) -> None:
+    import torch
+
+    body, mean, std = _model(arch)
+    threads = torch.get_num_threads()
+    pending: tuple[list[str], list[np.ndarray], list[str], list[np.ndarray]] = ([], [], [], [])
+
+    def flush() -> None:
+        if pending[0]:
+            store.append(pending[0], np.stack(pending[1]), pending[2], np.stack(pending[3]))
+            for part in pending:
+                part.clear()
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode():
+            for start in range(0, len(todo), bs):
+                chunk = todo[start : start + bs]
+                decoded = list(pool.map(lambda i: _decode(files[i], size), chunk))
+                ok = [k for k, d in enumerate(decoded) if d[0] is not None]
+                if ok:
+                    x = torch.from_numpy(np.stack([decoded[k][0] for k in ok])).permute(0, 3, 1, 2).float() / 255
+                    feats = body((x - mean) / std).mean(dim=(2, 3))
+                    feats = torch.nn.functional.normalize(feats, dim=1).numpy()
+                    for j, k in enumerate(ok):
+                        pending[0].append(hashes[chunk[k]])
+                        pending[1].append(feats[j])
+                        pending[2].append(decoded[k][1])
+                        pending[3].append(decoded[k][2])
+                if len(pending[0]) >= FLUSH_ROWS:
+                    flush()
+                if progress:
+                    progress(min(start + bs, len(todo)), len(todo))
+        flush()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compute_embeddings(
@@ -74,49 +269,7 @@ def compute_embeddings(
     hashes: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[str], list[str]]:
-    """(N, features) L2-normalised float32 embeddings, perceptual hashes and sha256 per file.
-
-    Files that cannot be decoded get a zero vector and an empty perceptual hash.
-    """
-    import torch
-
-    files = [Path(f) for f in files]
-    if hashes is None:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            hashes = list(pool.map(sha256_file, files))
-    hashes = list(hashes)
-    path = cache_path(cache_dir, arch, size) if cache_dir else None
-    cached = _read_cache(path) if path else {}
-    todo = [i for i, h in enumerate(hashes) if h not in cached]
-    fresh: dict[str, tuple[np.ndarray, str]] = {}
-    if todo:
-        body, mean, std = _model(arch)
-        threads = torch.get_num_threads()
-        with ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode():
-            for start in range(0, len(todo), bs):
-                chunk = todo[start : start + bs]
-                decoded = list(pool.map(lambda i: _decode(files[i], size), chunk))
-                ok = [k for k, (a, _) in enumerate(decoded) if a is not None]
-                feats = None
-                if ok:
-                    x = torch.from_numpy(np.stack([decoded[k][0] for k in ok])).permute(0, 3, 1, 2).float() / 255
-                    feats = body((x - mean) / std).mean(dim=(2, 3))
-                    feats = torch.nn.functional.normalize(feats, dim=1).numpy()
-                n_features = feats.shape[1] if feats is not None else 1
-                for k, i in enumerate(chunk):
-                    array, phash = decoded[k]
-                    if array is None:
-                        fresh[hashes[i]] = (np.zeros(n_features, np.float32), "")
-                    else:
-                        fresh[hashes[i]] = (feats[ok.index(k)], phash)
-                if progress:
-                    progress(min(start + bs, len(todo)), len(todo))
-        torch.set_num_threads(threads)
-        if path:
-            _write_cache(path, {**cached, **{h: v for h, v in fresh.items() if v[1]}})
-    entries = {**cached, **fresh}
-    dims = {entries[h][0].shape[0] for h in hashes if entries[h][1]}
-    dim = dims.pop() if dims else 1
-    emb = np.stack([entries[h][0] if entries[h][0].shape[0] == dim else np.zeros(dim, np.float32)
-                    for h in hashes]) if hashes else np.zeros((0, dim), np.float32)
-    return emb.astype(np.float32), [entries[h][1] for h in hashes], hashes
+    """(N, features) L2-normalised float32 embeddings (possibly memory-mapped, read-only), perceptual hashes
+    and sha256 per file. Files that cannot be decoded get a zero vector and an empty perceptual hash."""
+    out = embed(files, arch=arch, size=size, cache_dir=cache_dir, bs=bs, hashes=hashes, progress=progress)
+    return out.embeddings, out.phash, out.sha256

@@ -27,7 +27,10 @@ import numpy as np
 from toolkit.core.config import ClassifierSpec
 from toolkit.core.images import verify_images
 from toolkit.data import find_data_dir, labelled_split
-from toolkit.stages.clean.embeddings import DEFAULT_SIZE, compute_embeddings
+from toolkit.stages.clean.confusion import confusion_pairs
+from toolkit.stages.clean.embeddings import DEFAULT_SIZE, embed
+from toolkit.stages.clean.neighbours import Neighbours, knn_disagreement, knn_graph, knn_label_probs
+from toolkit.stages.clean.quality import quality_table
 from toolkit.tasks import load_predictor, task_of, task_of_meta
 
 OK_STATUSES = {"ok", "downloaded", "kept", "ingested", "saved"}
@@ -164,39 +167,99 @@ def out_of_fold_probs(emb: np.ndarray, labels: np.ndarray, n_classes: int, folds
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-def label_issue_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[str], probs: np.ndarray,
-                      splits: Sequence[str]) -> list[dict[str, Any]]:
-    """Every image with given, predicted, prob, score (label quality: low = suspicious), most suspicious
-    first; images of classes too small to score come last with `scored` false and no issue."""
-    from cleanlab.filter import find_label_issues
+SCORES = ("self_confidence", "normalized_margin", "knn_disagreement", "combined")
+DEFAULT_SCORE = "normalized_margin"  # the winner on bench/clean.py (BENCHMARKS.md): asymmetric noise, 2 seeds
+BATCHED_ABOVE = 20000  # images: label issues found by cleanlab's batched finder (bounded memory)
+
+
+def mixed_probs(probs: np.ndarray, knn_probs: np.ndarray | None, weight: float = 0.5) -> np.ndarray:
+    """The `combined` score's probabilities: out-of-fold head probabilities averaged with the cosine-weighted
+    class shares among the k nearest neighbours (`weight` of the latter)."""
+    if knn_probs is None:
+        return probs
+    mixed = (1 - weight) * probs + weight * knn_probs
+    return mixed / mixed.sum(axis=1, keepdims=True)
+
+
+def label_scores(y: np.ndarray, probs: np.ndarray, knn_probs: np.ndarray | None = None,
+                 disagreement: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every label-quality score in SCORES (low = suspicious; knn_disagreement as 1 - the fraction of
+    neighbours that disagree) over scorable labels `y` and probabilities `probs` (rows sum to 1)."""
     from cleanlab.rank import get_label_quality_scores
 
-    y = np.array([classes.index(c) for c in labels])
+    out = {}
+    for method in ("self_confidence", "normalized_margin"):
+        out[method] = get_label_quality_scores(y, probs, method=method)
+    out["knn_disagreement"] = 1 - disagreement if disagreement is not None else out["self_confidence"].copy()
+    out["combined"] = (get_label_quality_scores(y, mixed_probs(probs, knn_probs), method="self_confidence")
+                       if knn_probs is not None else out["self_confidence"].copy())
+    return out
+
+
+def find_issues(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """cleanlab's label-issue mask: `find_label_issues` (prune by noise rate), or above BATCHED_ABOVE
+    images its streaming `find_label_issues_batched` (bounded memory, same confident-learning rule)."""
+    if len(y) > BATCHED_ABOVE:
+        from cleanlab.experimental.label_issues_batched import find_label_issues_batched
+
+        found = find_label_issues_batched(labels=y, pred_probs=probs, batch_size=10000, n_jobs=1, verbose=False)
+        mask = np.zeros(len(y), dtype=bool)
+        mask[found] = True
+        return mask
+    from cleanlab.filter import find_label_issues
+
+    return find_label_issues(y, probs, filter_by="prune_by_noise_rate")
+
+
+def label_issue_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[str], probs: np.ndarray,
+                      splits: Sequence[str], *, knn_probs: np.ndarray | None = None,
+                      disagreement: np.ndarray | None = None, score: str = DEFAULT_SCORE) -> list[dict[str, Any]]:
+    """Every image with given, predicted, prob, score (label quality under `score`, one of SCORES:
+    low = suspicious), each score of SCORES by name, and issue (cleanlab's flag), most suspicious first;
+    images of classes too small to score come last with `scored` false and no issue.
+
+    `knn_probs` (class shares among the k nearest neighbours) and `disagreement` (fraction of them with
+    another label) come from the kNN graph (neighbours.py); without them the kNN scores fall back to
+    self-confidence."""
+    if score not in SCORES:
+        raise ValueError(f"score {score!r}: one of {', '.join(SCORES)}")
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[c] for c in labels], dtype=np.int64)
     ok = scorable_classes(y, len(classes))
     inside = np.isin(y, ok)
-    scores = probs[np.arange(len(y)), y].astype(np.float64)
+    plain = probs[np.arange(len(y)), y].astype(np.float64)
+    table = {name: plain.copy() for name in SCORES}
     flagged = np.zeros(len(y), dtype=bool)
     if inside.any():
-        remap = {c: i for i, c in enumerate(ok)}
-        y_sub = np.array([remap[c] for c in y[inside]])
+        remap = np.full(len(classes), -1)
+        remap[ok] = np.arange(len(ok))
+        y_sub = remap[y[inside]]
         p_sub = probs[inside][:, ok]
         p_sub = p_sub / p_sub.sum(axis=1, keepdims=True)
+        k_sub = None
+        if knn_probs is not None:
+            k_sub = knn_probs[inside][:, ok] + 1e-6
+            k_sub = k_sub / k_sub.sum(axis=1, keepdims=True)
         try:
-            scores[inside] = get_label_quality_scores(y_sub, p_sub, method="self_confidence")
+            for name, values in label_scores(y_sub, p_sub, k_sub, None if disagreement is None
+                                             else disagreement[inside]).items():
+                table[name][inside] = values
         except Exception:  # noqa: BLE001 - keep the plain given-class probability
             pass
         try:
-            flagged[inside] = find_label_issues(y_sub, p_sub, filter_by="prune_by_noise_rate")
+            flagged[inside] = find_issues(y_sub, mixed_probs(p_sub, k_sub) if score == "combined" else p_sub)
         except Exception:  # tiny or degenerate sets: fall back to "the prediction disagrees"
             flagged[inside] = p_sub.argmax(1) != y_sub
-    order = sorted(range(len(y)), key=lambda i: (not inside[i], scores[i]))
+    scores = table[score]
+    order = np.lexsort((scores, ~inside))
+    pred = probs.argmax(axis=1)
     rows = []
-    for i in order:
-        pred = int(probs[i].argmax())
-        rows.append({"file": rel[i], "given": labels[i], "predicted": classes[pred],
-                     "prob": round(float(probs[i, pred]), 5), "given_prob": round(float(probs[i, y[i]]), 5),
+    for i in order.tolist():
+        rows.append({"file": rel[i], "given": labels[i], "predicted": classes[pred[i]],
+                     "prob": round(float(probs[i, pred[i]]), 5), "given_prob": round(float(probs[i, y[i]]), 5),
                      "score": round(float(scores[i]), 5), "issue": bool(flagged[i]), "split": splits[i],
-                     "scored": bool(inside[i])})
+                     "scored": bool(inside[i]),
+                     **{name: round(float(table[name][i]), 5) for name in SCORES}})
     return rows
 
 
@@ -221,34 +284,29 @@ class _UnionFind:
 
 def duplicate_groups(rel: Sequence[str], labels: Sequence[str], splits: Sequence[str], sha: Sequence[str],
                      phash: Sequence[str], emb: np.ndarray, *, max_hamming: int = 6,
-                     min_cosine: float = 0.97) -> list[dict[str, Any]]:
+                     min_cosine: float = 0.97, neighbours: Neighbours | None = None) -> list[dict[str, Any]]:
     """Groups of exact (same sha256) or near (perceptual hash within `max_hamming` bits, or embedding
-    cosine >= `min_cosine`) copies; each says whether it crosses classes or train/valid."""
+    cosine >= `min_cosine`) copies; each says whether it crosses classes or train/valid.
+
+    Near copies are looked for among each image's k nearest embedding neighbours (`neighbours`, the
+    kNN graph; computed here when not given): O(n k) pairs, never all pairs."""
     n = len(rel)
     uf = _UnionFind(n)
-    exact_pairs: set[tuple[int, int]] = set()
     first: dict[str, int] = {}
     for i, h in enumerate(sha):
         if h in first:
             uf.union(first[h], i)
-            exact_pairs.add((first[h], i))
         else:
             first[h] = i
-    codes = np.array([int(p, 16) if p else 0 for p in phash], dtype=np.uint64)
-    has = np.array([bool(p) for p in phash])
-    for start in range(0, n, 512):
-        block = emb[start : start + 512]
-        sims = block @ emb.T
-        for a, b in zip(*np.nonzero(sims >= min_cosine), strict=False):
-            i = start + int(a)
-            if i < b and has[i] and has[b]:
-                uf.union(i, int(b))
-        if has.any():
-            dist = np.bitwise_count(codes[start : start + 512, None] ^ codes[None, :])
-            for a, b in zip(*np.nonzero(dist <= max_hamming), strict=False):
-                i = start + int(a)
-                if i < b and has[i] and has[b]:
-                    uf.union(i, int(b))
+    graph = neighbours if neighbours is not None else knn_graph(emb)
+    if graph.k and n:
+        codes = np.array([int(p, 16) if p else 0 for p in phash], dtype=np.uint64)
+        has = np.array([bool(p) for p in phash])
+        near_hash = np.bitwise_count(codes[:, None] ^ codes[graph.index]) <= max_hamming
+        near = (graph.cosine >= min_cosine) | near_hash
+        near &= has[:, None] & has[graph.index]
+        for a, j in zip(*np.nonzero(near), strict=True):
+            uf.union(int(a), int(graph.index[a, j]))
     members: dict[int, list[int]] = {}
     for i in range(n):
         members.setdefault(uf.find(i), []).append(i)
@@ -276,19 +334,21 @@ def _percentile_rank(values: np.ndarray) -> np.ndarray:
 
 
 def outlier_table(rel: Sequence[str], labels: Sequence[str], classes: Sequence[str], emb: np.ndarray,
-                  probs: np.ndarray, splits: Sequence[str], *, k: int = 5, z: float = 2.5) -> list[dict[str, Any]]:
+                  probs: np.ndarray, splits: Sequence[str], *, k: int = 5, z: float = 2.5,
+                  neighbours: Neighbours | None = None) -> list[dict[str, Any]]:
     """Every image with an outlier score (0..1, high = unlike any class), most unusual first;
     `outlier` is true where the kNN distance is a robust-z > `z` above the median."""
     n = len(rel)
-    sims = emb @ emb.T
-    np.fill_diagonal(sims, -np.inf)
-    kk = max(1, min(k, n - 1))
-    knn = 1 - np.sort(sims, axis=1)[:, -kk:].mean(axis=1) if n > 1 else np.zeros(n)
+    graph = neighbours if neighbours is not None else knn_graph(emb, k)
+    kk = min(k, graph.k)
+    knn = 1 - graph.cosine[:, :kk].mean(axis=1) if kk else np.zeros(n)
     y = np.array([classes.index(c) for c in labels])
-    centroids = np.stack([emb[y == c].mean(0) if (y == c).any() else np.zeros(emb.shape[1])
-                          for c in range(len(classes))])
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-9
-    centroid_dist = 1 - (emb @ centroids.T).max(axis=1)
+    sums = np.zeros((len(classes), emb.shape[1]))
+    for start in range(0, n, 512):  # class sums in chunks: a memory-mapped matrix is read once
+        np.add.at(sums, y[start : start + 512], np.asarray(emb[start : start + 512], np.float64))
+    centroids = sums / (np.linalg.norm(sums, axis=1, keepdims=True) + 1e-9)
+    centroid_dist = np.concatenate([1 - (np.asarray(emb[s_ : s_ + 512]) @ centroids.T).max(axis=1)
+                                    for s_ in range(0, n, 512)]) if n else np.zeros(0)
     low_conf = 1 - probs.max(axis=1)
     score = 0.5 * _percentile_rank(knn) + 0.25 * _percentile_rank(centroid_dist) + 0.25 * _percentile_rank(low_conf)
     med = np.median(knn)
@@ -349,15 +409,23 @@ class Rankings:
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     # row i = the i-th raw image (RawImages.files order): L2-normalised, for maps and similarity
+    # (may be a read-only np.memmap over the embeddings cache)
     embeddings: np.ndarray | None = None
+    # every image with `issues` (list of quality.KINDS) and its stats, flagged first: see quality.py
+    quality: list[dict[str, Any]] = field(default_factory=list)
+    # class pairs mixed up in the confident joint, largest mass first, with `merge` hints: see confusion.py
+    confusion: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """The CLI's --json object: files relative to the raw root."""
+        """The CLI's --json object: files relative to the raw root. `quality`: flagged images only
+        ({file, issues}); `confusion`: the pairs ({classes, a_as_b, b_as_a, merge})."""
         return {
             "label_issues": [{k: r[k] for k in ("file", "given", "predicted", "prob", "score")}
                              for r in self.label_issues if r["issue"]],
             "duplicates": [g["files"] for g in self.duplicates],
             "outliers": [{"file": r["file"], "score": r["score"]} for r in self.outliers if r["outlier"]],
+            "quality": [{"file": r["file"], "issues": r["issues"]} for r in self.quality if r["issues"]],
+            "confusion": [{k: p[k] for k in ("classes", "a_as_b", "b_as_a", "merge")} for p in self.confusion],
         }
 
 
@@ -391,33 +459,43 @@ def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_
         if on_progress:
             on_progress(0.02 + 0.83 * done / max(total, 1), f"embedding images: {done} of {total} new")
 
-    emb, phash, sha = compute_embeddings(raw.files, arch=arch or spec.arch, size=size,
-                                         cache_dir=spec.cleaned_dir / ".cache", progress=embedded)
+    out = embed(raw.files, arch=arch or spec.arch, size=size, cache_dir=spec.cleaned_dir / ".cache",
+                progress=embedded)
+    emb, phash, sha = out.embeddings, out.phash, out.sha256
     times["embeddings"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    y = np.array([raw.classes.index(c) for c in raw.labels])
+    y = np.array([raw.classes.index(c) for c in raw.labels], dtype=np.int64)
     warnings: list[str] = []
-    say("out-of-fold label issues", 0.85)
-    probs = out_of_fold_probs(emb, y, len(raw.classes), folds=folds, seed=spec.seed, warnings=warnings,
-                              class_names=raw.classes)
-    issues = label_issue_table(rel, raw.labels, raw.classes, probs, splits)
-    times["label_issues"] = time.perf_counter() - t0
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):  # small matrix products: one BLAS thread is fastest on a busy machine
         t0 = time.perf_counter()
-        say("duplicates", 0.9)
-        dups = duplicate_groups(rel, raw.labels, splits, sha, phash, emb)
+        say("nearest neighbours", 0.85)
+        graph = knn_graph(emb, seed=spec.seed)
+        times["neighbours"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        say("out-of-fold label issues", 0.88)
+        probs = out_of_fold_probs(emb, y, len(raw.classes), folds=folds, seed=spec.seed, warnings=warnings,
+                                  class_names=raw.classes)
+        issues = label_issue_table(rel, raw.labels, raw.classes, probs, splits,
+                                   knn_probs=knn_label_probs(graph, y, len(raw.classes)),
+                                   disagreement=knn_disagreement(graph, y))
+        confusion = confusion_pairs(rel, y, raw.classes, probs, scorable_classes(y, len(raw.classes)))
+        times["label_issues"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        say("duplicates", 0.92)
+        dups = duplicate_groups(rel, raw.labels, splits, sha, phash, emb, neighbours=graph)
         times["duplicates"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        outs = outlier_table(rel, raw.labels, raw.classes, emb, probs, splits)
+        outs = outlier_table(rel, raw.labels, raw.classes, emb, probs, splits, neighbours=graph)
+        quality = quality_table(rel, raw.labels, splits, out.stats)
         times["outliers"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     say("top losses of the trained model", 0.95)
     losses = top_losses(spec, raw) if with_model else []
     times["top_losses"] = time.perf_counter() - t0
     say("done", 1.0)
-    return Rankings(raw.root, raw.classes, issues, dups, outs, raw.broken, losses, times, warnings, embeddings=emb)
+    return Rankings(raw.root, raw.classes, issues, dups, outs, raw.broken, losses, times, warnings, embeddings=emb,
+                    quality=quality, confusion=confusion)
 
 
 def write_report(rankings: Rankings, folder: Path) -> dict[str, Path]:
@@ -431,7 +509,11 @@ def write_report(rankings: Rankings, folder: Path) -> dict[str, Path]:
               "duplicates": [{"group": g, "file": f, "label": lab, "split": s, "kind": d["kind"],
                               "cross_class": d["cross_class"], "leak": d["leak"]}
                              for g, d in enumerate(rankings.duplicates)
-                             for f, lab, s in zip(d["files"], d["labels"], d["splits"], strict=False)]}
+                             for f, lab, s in zip(d["files"], d["labels"], d["splits"], strict=False)],
+              "quality": [{**r, "issues": ";".join(r["issues"])} for r in rankings.quality],
+              "confusion": [{**p, "classes": " / ".join(p["classes"]),
+                             "examples_a_as_b": ";".join(p["examples_a_as_b"]),
+                             "examples_b_as_a": ";".join(p["examples_b_as_a"])} for p in rankings.confusion]}
     for name, rows in tables.items():
         path = folder / f"report-{name}.csv"
         tmp = folder / f".{path.name}.tmp-{os.getpid()}"
@@ -442,12 +524,17 @@ def write_report(rankings: Rankings, folder: Path) -> dict[str, Path]:
                 writer.writerows(rows)
         os.replace(tmp, path)  # a reader (or a crash) sees the old report or the new one
         written[name] = path
-    full = {**rankings.summary(), "all": {k: v for k, v in tables.items() if k != "duplicates"},
-            "duplicate_groups": rankings.duplicates, "root": str(rankings.root), "classes": rankings.classes,
+    full = {**rankings.summary(), "all": {"label_issues": rankings.label_issues, "outliers": rankings.outliers,
+                                          "top_losses": rankings.top_losses, "broken": rankings.broken,
+                                          "quality": rankings.quality},
+            "duplicate_groups": rankings.duplicates, "confusion_pairs": rankings.confusion,
+            "root": str(rankings.root), "classes": rankings.classes,
             "seconds": {k: round(v, 2) for k, v in rankings.seconds.items()}, "warnings": rankings.warnings}
     path = folder / "report.json"
     tmp = folder / f".report.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(full, indent=1) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as handle:  # streamed: no second copy of the report as one string
+        json.dump(full, handle, indent=1)
+        handle.write("\n")
     os.replace(tmp, path)
     written["json"] = path
     return written

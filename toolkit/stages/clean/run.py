@@ -33,7 +33,8 @@ def clean_batch(spec: ClassifierSpec, data: Path | None = None, *, report: bool 
         summary = rankings.summary()
         result["report"] = summary
         lines.append(f"{len(summary['label_issues'])} label issues, {len(summary['duplicates'])} duplicate groups, "
-                     f"{len(summary['outliers'])} outliers, {len(rankings.broken)} broken; "
+                     f"{len(summary['outliers'])} outliers, {len(rankings.broken)} broken, "
+                     f"{len(summary['quality'])} image-quality issues, {len(summary['confusion'])} confused pairs; "
                      f"wrote {written['json']} and CSVs beside it")
     if apply or dry_run:
         applied = apply_decisions(list_raw_images(spec, data), log, dry=dry_run)

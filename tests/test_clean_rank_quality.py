@@ -1,0 +1,61 @@
+"""Image-quality issues on real photos with planted defects, and the class-confusion report."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import copy_subset
+from PIL import Image, ImageFilter
+
+from toolkit.core.images import load_squished
+from toolkit.stages.clean.embeddings import image_stats
+from toolkit.stages.clean.quality import quality_table
+
+
+def test_planted_defects_are_flagged_and_real_photos_are_not(tmp_path, clothing_small):
+    raw = copy_subset(clothing_small / "train", tmp_path / "raw", ["hat", "shoes", "t-shirt", "pants"], 15, seed=3)
+    photos = sorted(raw.rglob("*.jpg"))
+    base = Image.open(photos[0]).convert("RGB")
+    planted = {
+        "blank.png": (Image.new("RGB", (400, 533), "white"), {"light", "low_information"}),
+        "dark.jpg": (Image.eval(base, lambda v: v // 8), {"dark"}),
+        "grey.jpg": (base.convert("L").convert("RGB"), {"grayscale"}),
+        "wide.jpg": (base.resize((1200, 300)), {"odd_aspect"}),
+        "tiny.jpg": (base.resize((60, 80)), {"odd_size"}),
+        "blurred.jpg": (base.filter(ImageFilter.GaussianBlur(6)), {"blurry"}),
+    }
+    for name, (img, _) in planted.items():
+        img.save(raw / "hat" / name)
+    files = photos + [raw / "hat" / name for name in planted]
+    stats = []
+    for f in files:
+        with Image.open(f) as img:
+            width, height = img.size
+        stats.append(image_stats(load_squished(f, 128), width, height))
+    rel = [f.relative_to(raw).as_posix() for f in files]
+    rows = quality_table(rel, [f.parent.name for f in files], ["train"] * len(files), np.stack(stats))
+    by_file = {r["file"]: r for r in rows}
+    for name, (_, expected) in planted.items():
+        assert expected <= set(by_file[f"hat/{name}"]["issues"]), (name, by_file[f"hat/{name}"])
+    false = [r["file"] for r in rows if r["issues"] and r["file"].split("/")[1] not in planted]
+    assert len(false) <= 3, f"real photos flagged: {false}"
+    assert rows[0]["issues"] and set(rows[0]) >= {"file", "given", "split", "issues", "brightness", "blur",
+                                                   "entropy", "colourfulness", "width", "height"}
+
+
+def test_confused_classes_both_ways_get_a_merge_hint():
+    from toolkit.stages.clean.confusion import confusion_pairs
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 100)
+    probs = np.full((300, 3), 0.02)
+    probs[np.arange(300), y] = 0.96
+    mixed = np.flatnonzero(y < 2)
+    swap = rng.choice(mixed, 60, replace=False)  # a <-> b mixed up: 30% of each given class
+    probs[swap] = 0.02
+    probs[swap, 1 - y[swap]] = 0.96
+    rel = [f"{i}.jpg" for i in range(300)]
+    pairs = confusion_pairs(rel, y, ["a", "b", "c"], probs, np.arange(3))
+    assert pairs[0]["classes"] == ["a", "b"] and pairs[0]["merge"]
+    assert pairs[0]["a_as_b"] + pairs[0]["b_as_a"] >= 50
+    assert all(f in {rel[i] for i in swap} for f in pairs[0]["examples_a_as_b"] + pairs[0]["examples_b_as_a"])
+    assert all(not p["merge"] for p in pairs[1:])
