@@ -102,3 +102,26 @@ def _write(tmp_path, text):
     path = tmp_path / "settings.ini"
     path.write_text(text)
     return path
+
+
+def test_the_cleaning_apps_retrain_button_retrains_on_the_applied_decisions(project_copy):
+    """Delete two images in the cleaning app, apply, press "retrain head": the new model learned from
+    the cleaned data (118 images) and the status line shows its accuracy beside the old one."""
+    from toolkit.ui.clean_app import CleanerWidget
+
+    spec = load_settings(project_copy / "settings.ini").get("tiny")
+    app = CleanerWidget(spec, size=64, background=False)
+    assert app.error.value == "", app.error.value
+    for row in app.rankings.label_issues[:2]:
+        app.decide(row["file"], "delete")
+    assert app.apply()["deleted"] == 2
+    app.retrain_button.click()  # a person's click: the retrain runs in a background thread
+    import time
+
+    deadline = time.time() + 300
+    while "retrained" not in app.status.value and not app.error.value and time.time() < deadline:
+        time.sleep(0.5)
+    assert app.error.value == "" and "retrained" in app.status.value and "(was " in app.status.value
+    metrics = json.loads((project_copy / "models" / "tiny" / "metrics.json").read_text())
+    assert metrics["head_only"] and metrics["n_train"] + metrics["n_valid"] == 118
+    assert not app.retrain_button.disabled
