@@ -110,3 +110,18 @@ def test_the_cache_appends_new_images_and_ignores_a_torn_tail(tmp_path, clothing
     again = embed(list(reversed(files)), size=64, cache_dir=cache)  # reordered: gathered, same rows
     assert np.allclose(np.asarray(again.embeddings)[::-1], both.embeddings, atol=1e-5)
     assert [Path(f).name for f in files] and len(Store(cache, "efficientnet_lite0", 64).rows) == 12
+
+
+def test_two_processes_embed_the_same_rows_as_one(tmp_path, clothing_small):
+    """--processes 2: the new images are embedded in two shards (one of them a spawned process), both
+    appending to the same store under its lock; the result equals one process's, row for row."""
+    from toolkit.stages.clean.embeddings import Store, embed
+
+    files = sorted(copy_subset(clothing_small / "train", tmp_path / "raw", ["hat", "shoes"], 20).rglob("*.jpg"))
+    seen = []
+    two = embed(files, size=64, bs=8, cache_dir=tmp_path / "two", processes=2,
+                progress=lambda done, total: seen.append((done, total)))
+    one = embed(files, size=64, bs=8, cache_dir=tmp_path / "one")
+    assert len(Store(tmp_path / "two", "efficientnet_lite0", 64).rows) == len(files) == 40
+    assert np.allclose(np.asarray(two.embeddings), np.asarray(one.embeddings), atol=1e-4)
+    assert two.phash == one.phash and seen[-1] == (40, 40)

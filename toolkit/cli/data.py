@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from toolkit.cli.base import BIND, NAME, arg, command, emit, log, out, spec_of
+from toolkit.core.errors import ToolkitError
 
 
 @command("scrape", NAME,
@@ -36,17 +37,21 @@ def cmd_scrape(args: argparse.Namespace) -> int:
              "decided last; it is printed)"), arg("--undo-all", action="store_true", help="undo all of one session's"),
          arg("--session", help="with --undo/--undo-all: the session whose decisions to undo"),
          arg("--size", type=int, default=128, help="embedding image size (default 128)"),
-         arg("--no-model", action="store_true", help="skip top losses even if models/NAME exists"), *BIND)
+         arg("--no-model", action="store_true", help="skip top losses even if models/NAME exists"),
+         arg("--processes", type=int, default=1, help="with --report: embed new images in N processes (default 1)"),
+         *BIND)
 def cmd_clean(args: argparse.Namespace) -> int:
     """Rank and clean a classifier's raw images: the Voila widget, --report [--json] or --apply."""
     from toolkit.stages.clean.run import clean_batch
     from toolkit.ui.serve import serve_cleaner
 
+    if args.processes < 1:
+        raise ToolkitError("clean --processes needs 1 or more")
     spec = spec_of(args)
     if not (args.report or args.apply or args.dry_run or args.undo or args.undo_all):
         return serve_cleaner(spec, Path(args.settings).resolve(), args.data, args.host, args.port, out=out,
                              token=not args.no_token, allowed_hosts=args.allow_host or ())
     result, lines, code = clean_batch(spec, args.data, report=args.report, apply=args.apply, dry_run=args.dry_run,
                                       undo=args.undo, undo_all=args.undo_all, session=args.session, size=args.size,
-                                      with_model=not args.no_model, warn=log)
+                                      with_model=not args.no_model, processes=args.processes, warn=log)
     return emit(args, result, lines, code)

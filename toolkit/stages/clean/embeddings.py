@@ -181,9 +181,11 @@ class Embedded:
 
 def embed(files: Sequence[Path], *, arch: str = "efficientnet_lite0", size: int = DEFAULT_SIZE,
           cache_dir: Path | None = None, bs: int = 32, hashes: Sequence[str] | None = None,
-          progress: Callable[[int, int], None] | None = None) -> Embedded:
+          progress: Callable[[int, int], None] | None = None, processes: int = 1) -> Embedded:
     """Embeddings, perceptual hashes, sha256 and quality stats per file; only images not in the cache are
-    decoded and run through the backbone. Without `cache_dir` the store lives in a temporary folder."""
+    decoded and run through the backbone. Without `cache_dir` the store lives in a temporary folder.
+    `processes` > 1 shards the new images across that many processes (each appends to the same store
+    under its lock; see `_compute_sharded`)."""
     import tempfile
 
     files = [Path(f) for f in files]
@@ -193,7 +195,8 @@ def embed(files: Sequence[Path], *, arch: str = "efficientnet_lite0", size: int 
     hashes = list(hashes)
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="toolkit-emb-") as tmp:
-            out = embed(files, arch=arch, size=size, cache_dir=Path(tmp), bs=bs, hashes=hashes, progress=progress)
+            out = embed(files, arch=arch, size=size, cache_dir=Path(tmp), bs=bs, hashes=hashes, progress=progress,
+                        processes=processes)
             return Embedded(np.array(out.embeddings), out.phash, out.sha256, out.stats)
     store = Store(cache_dir, arch, size)
     first: dict[str, int] = {}
@@ -201,7 +204,9 @@ def embed(files: Sequence[Path], *, arch: str = "efficientnet_lite0", size: int 
         if h not in store.rows:
             first.setdefault(h, i)
     todo = list(first.values())
-    if todo:
+    if todo and processes > 1 and len(todo) >= 2 * bs:
+        _compute_sharded(files, hashes, todo, store, arch, size, bs, progress, processes)
+    elif todo:
         _compute(files, hashes, todo, store, arch, size, bs, progress)
     mat = store.matrix()
     rows = np.array([store.rows.get(h, -1) for h in hashes], dtype=np.int64)
@@ -257,6 +262,54 @@ def _compute(files: list[Path], hashes: list[str], todo: list[int], store: Store
         flush()
     finally:
         torch.set_num_threads(threads)
+
+
+def _shard_worker(files: list[str], hashes: list[str], cache_dir: str, arch: str, size: int, bs: int,
+                  threads: int) -> None:
+    """One shard, in a process of its own: embed every file given and append it to the shared store."""
+    import torch
+
+    torch.set_num_threads(threads)
+    store = Store(Path(cache_dir), arch, size)
+    _compute([Path(f) for f in files], hashes, list(range(len(files))), store, arch, size, bs, None)
+
+
+def _compute_sharded(files: list[Path], hashes: list[str], todo: list[int], store: Store, arch: str, size: int,
+                     bs: int, progress: Callable[[int, int], None] | None, processes: int) -> None:
+    """The new images in `processes` interleaved shards: shard 0 here (it reports progress, scaled to
+    the whole), the others in spawned processes, each with its share of the CPU threads; the store's
+    lock serialises their appends. A failed shard is one error line; its finished rows stay cached."""
+    import multiprocessing
+
+    import torch
+
+    from toolkit.core.errors import ToolkitError
+
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    shards = [todo[k::processes] for k in range(processes)]
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+    workers = [context.Process(target=_shard_worker, name=f"embed-shard-{k}",
+                               args=([str(files[i]) for i in shard], [hashes[i] for i in shard],
+                                     str(store.data.parent), arch, size, bs, threads))
+               for k, shard in enumerate(shards[1:], start=1)]
+    for worker in workers:
+        worker.start()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scaled = (lambda done, total: progress(min(done * processes, len(todo)), len(todo))) if progress else None
+        _compute(files, hashes, shards[0], store, arch, size, bs, scaled)
+    finally:
+        torch.set_num_threads(before)
+        for worker in workers:
+            worker.join()
+    failed = [w.name for w in workers if w.exitcode != 0]
+    if failed:
+        raise ToolkitError(f"embedding shard(s) {', '.join(failed)} failed; run the report again (finished rows "
+                           "are cached) or with --processes 1")
+    store._read()  # the rows the other shards appended
+    if progress:
+        progress(len(todo), len(todo))
 
 
 def compute_embeddings(

@@ -432,11 +432,12 @@ class Rankings:
 def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_SIZE, arch: str | None = None,
          folds: int = 5, with_model: bool = True, raw: RawImages | None = None,
          progress: Callable[[str], None] | None = None,
-         on_progress: Callable[[float, str], None] | None = None) -> Rankings:
+         on_progress: Callable[[float, str], None] | None = None, processes: int = 1) -> Rankings:
     """Compute every ranking for the classifier's raw images (embeddings cached under cleaned_data/NAME/.cache).
 
     `progress(message)` hears each step; `on_progress(fraction, message)` also hears how far the whole
-    computation is (0..1; the embeddings are most of it), for a percentage bar."""
+    computation is (0..1; the embeddings are most of it), for a percentage bar. `processes` > 1 shards
+    the embedding of new images across that many processes (`toolkit clean NAME --report --processes N`)."""
     import time
 
     def say(message: str, fraction: float | None = None) -> None:
@@ -460,7 +461,7 @@ def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_
             on_progress(0.02 + 0.83 * done / max(total, 1), f"embedding images: {done} of {total} new")
 
     out = embed(raw.files, arch=arch or spec.arch, size=size, cache_dir=spec.cleaned_dir / ".cache",
-                progress=embedded)
+                progress=embedded, processes=processes)
     emb, phash, sha = out.embeddings, out.phash, out.sha256
     times["embeddings"] = time.perf_counter() - t0
     y = np.array([raw.classes.index(c) for c in raw.labels], dtype=np.int64)

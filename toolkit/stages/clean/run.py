@@ -14,7 +14,7 @@ from toolkit.stages.clean.rank import list_raw_images, rank, write_report
 
 def clean_batch(spec: ClassifierSpec, data: Path | None = None, *, report: bool = False, apply: bool = False,
                 dry_run: bool = False, undo: bool = False, undo_all: bool = False, session: str | None = None,
-                size: int = 128, with_model: bool = True,
+                size: int = 128, with_model: bool = True, processes: int = 1,
                 warn: Callable[[str], None] = lambda line: None) -> tuple[dict[str, Any], list[str], int]:
     """Undo (one session's: `session`, default the one that decided last), then rank (--report), then
     apply or dry-run, in that order; (result, text lines, exit code: 1 when decisions were refused)."""
@@ -26,7 +26,7 @@ def clean_batch(spec: ClassifierSpec, data: Path | None = None, *, report: bool 
         result["undo"] = undo_report(log, session, everything=undo_all)
         lines += result["undo"]
     if report:
-        rankings = rank(spec, data, size=size, with_model=with_model)
+        rankings = rank(spec, data, size=size, with_model=with_model, processes=processes)
         written = write_report(rankings, spec.cleaned_dir)
         for warning in rankings.warnings:
             warn(f"warning: {warning}")
