@@ -125,3 +125,19 @@ def test_two_processes_embed_the_same_rows_as_one(tmp_path, clothing_small):
     assert len(Store(tmp_path / "two", "efficientnet_lite0", 64).rows) == len(files) == 40
     assert np.allclose(np.asarray(two.embeddings), np.asarray(one.embeddings), atol=1e-4)
     assert two.phash == one.phash and seen[-1] == (40, 40)
+
+
+def test_the_hnsw_index_finds_the_exact_searchs_neighbours(fashion):
+    """Above EXACT_UP_TO images the kNN graph comes from a faiss HNSW index: forced here on the 3,000
+    images, it agrees with the exact search (recall@10) and finds every planted copy."""
+    pytest.importorskip("faiss")
+    from toolkit.stages.clean.neighbours import knn_graph
+
+    emb = fashion["emb"]
+    exact = knn_graph(emb, exact_up_to=10**9)
+    approx = knn_graph(emb, exact_up_to=0)
+    recall = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(exact.index, approx.index, strict=True)])
+    assert recall > 0.95, f"HNSW recall@10 {recall:.3f}"
+    assert (approx.index != np.arange(N)[:, None]).all() and (np.diff(approx.cosine, axis=1) <= 1e-6).all()
+    for a, b in fashion["exact"] + fashion["near"]:
+        assert b in approx.index[a] or a in approx.index[b], f"planted copy {b} of {a} not a neighbour"
