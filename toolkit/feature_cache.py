@@ -24,14 +24,6 @@ INDEX = "index.json"
 CHUNK_ROWS = 4096  # rows copied at a time when the cache grows (memory bounded as data grows)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def body_digest(body: Any) -> str:
     """sha256 over the body's tensors (names, shapes, bytes): the features' dependence on weights."""
     digest = hashlib.sha256()

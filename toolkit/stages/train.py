@@ -47,7 +47,8 @@ def retrain_head(spec: ClassifierSpec, data: Path | None = None, *, progress: bo
     from toolkit.core import artifacts
     from toolkit.core.backbones import create_model, has_fastai_head
     from toolkit.core.errors import ToolkitError
-    from toolkit.feature_cache import FeatureCache, body_digest, file_sha256
+    from toolkit.core.images import sha256_file
+    from toolkit.feature_cache import FeatureCache, body_digest
     from toolkit.learn import data_fingerprint, find_lr, head_learner, image_features
 
     started = time.time()
@@ -74,7 +75,7 @@ def retrain_head(spec: ClassifierSpec, data: Path | None = None, *, progress: bo
     body = model[0].to(device)
     cache = FeatureCache(folder / FEATURES_DIR, {"arch": arch, "size": size, "mean": list(mean), "std": list(std),
                                                  "resize": "squish", "body": body_digest(body)})
-    shas = [file_sha256(f) for f in dataset.files]
+    shas = [sha256_file(f) for f in dataset.files]
     missing = cache.missing(shas)
     first_file = dict(zip(reversed(shas), reversed(dataset.files)))
     if missing:
