@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import OFFLINE, TINY_CLASSES, run_cli
-from test_dashboard import CHROMIUM, _kill_tree, _offline_page, _upload, photo
+from test_dashboard import _kill_tree, _offline_page, _upload, browser, photo  # noqa: F401 (browser: a fixture)
 
 
 def post(url: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
@@ -135,23 +135,8 @@ def test_bundle_api_predicts_and_refuses_bad_input(bundle_server, clothing_small
     assert post(f"{bundle_server['url']}/api/predict/..%2F..%2Fetc", file.read_bytes())[0] == 404
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip("Debian chromium is not installed (make install installs it)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    playwright = playwright_api.sync_playwright().start()
-    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                         args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-    try:
-        yield browser
-    finally:
-        browser.close()
-        playwright.stop()
-
-
 @pytest.mark.browser
-def test_bundle_dashboard_predicts_an_upload_and_agrees_with_the_api(bundle_server, browser, clothing_small):
+def test_bundle_dashboard_predicts_an_upload_and_agrees_with_the_api(bundle_server, browser, clothing_small):  # noqa: F811 (the imported fixture)
     errors: list[str] = []
     page = _offline_page(browser, errors)
     try:
