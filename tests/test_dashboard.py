@@ -585,3 +585,64 @@ def test_examples_strip_predicts_on_click(board):
     assert thumb.value and thumb.layout.display is None and int(thumb.layout.width[:-2]) <= 72
     button.click()
     assert len(board.results) == 1 and board.results[0].label in TINY_CLASSES
+
+
+@pytest.mark.browser
+def test_browser_feedback_goes_into_the_next_training_data(page, trained_project, clothing_small, tmp_path):
+    """The loop, end to end: a real photo uploaded in chromium, its right label picked and the
+    dashboard's own feedback button pressed; the item accepted in the cleaning app's feedback tab
+    (its widgets driven in-process) and applied; the next training's data set holds it with that
+    label, and the manifest line says where it came from."""
+    import shutil
+
+    from toolkit.settings import load_settings
+    from toolkit.stages.clean.rank import list_raw_images, rank
+    from toolkit.tasks import task_of
+    from toolkit.ui.clean_app import CleanerWidget
+
+    file = photo(clothing_small, "shoes", 3)
+    _upload(page, file.name, file.read_bytes())
+    result = page.locator(".toolkit-result", has=page.locator(".toolkit-name", has_text=file.name))
+    result.locator(".toolkit-prob").first.wait_for(timeout=60_000)
+    result.locator(".toolkit-right-choice select").select_option("shoes")
+    result.locator(".toolkit-save-feedback").click()
+    result.locator(".toolkit-feedback-status", has_text="saved as shoes").wait_for(timeout=60_000)
+    assert not page.errors, page.errors
+    served = trained_project / "feedback" / "tiny"
+    # the cleaning app opens a copy of the project (its settings, the feedback the server saved and 8
+    # raw photos per class, so that ranking stays cheap): the session's trained project stays as later
+    # tests expect it
+    root = tmp_path / "project"
+    try:
+        shutil.copytree(served, root / "feedback" / "tiny")
+    finally:
+        shutil.rmtree(served)
+    shutil.copy2(trained_project / "settings.ini", root / "settings.ini")
+    for label in TINY_CLASSES:
+        (root / "scrape" / "tiny" / label).mkdir(parents=True)
+        for raw_file in sorted((trained_project / "scrape" / "tiny" / label).iterdir())[:8]:
+            shutil.copy2(raw_file, root / "scrape" / "tiny" / label / raw_file.name)
+    spec = load_settings(root / "settings.ini").get("tiny")
+    raw = list_raw_images(spec)
+    n_raw = len(raw.files)
+    app = CleanerWidget(spec, raw=raw, rankings=rank(spec, raw=raw, size=64, with_model=False), size=64)
+    assert app.feedback.n_pending == 1 and app.tabs.titles[1] == "feedback (1)"
+    card = app.feedback.list.children[0]
+    caption = card.children[1].value
+    assert file.stem in caption and "user's label: <b>shoes</b>" in caption
+    card.children[2].value = "shoes"
+    card.children[3].children[0].click()  # accept
+    assert "imported" in app.feedback.message.value and app.error.value == "", app.error.value
+    assert app.feedback.n_pending == 0 and app.tabs.titles[1] == "feedback (0)"
+    imported = [p for p in (spec.scrape_dir / "shoes").iterdir() if p.name.startswith("fb-")]
+    assert len(imported) == 1 and Image.open(imported[0]).size == Image.open(file).size
+    manifest = [json.loads(line) for line in (spec.scrape_dir / "manifest.jsonl").read_text().splitlines()]
+    line = next(m for m in manifest if m["file"] == f"shoes/{imported[0].name}")
+    assert line["source"] == "dashboard" and line["label"] == "shoes" and line["time"]
+    assert line["feedback_time"] and line["feedback_file"].startswith("shoes/") and line["title"] == file.name
+    app.apply()  # the app's apply button: cleaned_data/tiny, which the next `toolkit train` reads
+    assert "applied" in app.status.value and app.error.value == ""
+    dataset = task_of(spec).load_data(spec, progress=False)  # what train and retrain_head read
+    assert dataset.root == spec.cleaned_dir
+    by_name = {Path(f).name: label for f, label in zip(dataset.files, dataset.labels, strict=True)}
+    assert by_name[imported[0].name] == "shoes" and len(by_name) == n_raw + 1 == 25
