@@ -425,12 +425,23 @@ def _offline_page(browser, errors: list[str]):
     return page
 
 
-def _open_dashboard(page, server, name: str = "tiny") -> float:
+def open_with_loading_state(page, url: str, title: str) -> float:
+    """Open a Voila page and check its loading state: "Loading TITLE..." is on screen while the kernel
+    starts and runs the notebook (the toolkit template), and gone once the widgets are drawn. Returns
+    the seconds to the first widget."""
     started = time.monotonic()
-    page.goto(f"{server['url']}/voila/render/{name}.ipynb{server['query']}", wait_until="domcontentloaded",
-              timeout=180_000)
+    page.goto(url, wait_until="commit", timeout=180_000)
+    loading = page.wait_for_selector("#loading.toolkit-loading", state="visible", timeout=180_000)
+    assert page.locator(".toolkit-upload, .clean-widget").count() == 0  # before the widgets
+    text = loading.inner_text()
+    assert f"Loading {title}..." in text and "starting Python" in text, text
     page.wait_for_selector(".toolkit-upload", state="visible", timeout=180_000)
+    assert page.locator("#loading").count() == 0 and "Loading" not in page.inner_text("body")
     return time.monotonic() - started
+
+
+def _open_dashboard(page, server, name: str = "tiny", title: str = "Tiny clothing") -> float:
+    return open_with_loading_state(page, f"{server['url']}/voila/render/{name}.ipynb{server['query']}", title)
 
 
 def _upload(page, name: str, data: bytes, mime: str = "image/jpeg") -> None:

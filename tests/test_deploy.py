@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 from conftest import OFFLINE, TINY_CLASSES, run_cli
-from test_dashboard import _kill_tree, _offline_page, _upload, browser, photo  # noqa: F401 (browser: a fixture)
+from test_dashboard import (  # noqa: F401 (browser: a fixture)
+    _kill_tree,
+    _offline_page,
+    _upload,
+    browser,
+    open_with_loading_state,
+    photo,
+)
 
 
 def post(url: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
@@ -56,6 +63,7 @@ def test_bundle_contents(bundle):
     code = {p.relative_to(bundle / "toolkit").as_posix() for p in (bundle / "toolkit").rglob("*.py")}
     assert "ui/api.py" in code and "ui/dashboard.py" in code
     assert "stages/scrape/run.py" not in code and "cli/model.py" not in code  # only what serving imports
+    assert (bundle / "toolkit/ui/jupyter/voila/templates/toolkit/spinner.macro.html.j2").is_file()  # loading state
 
 
 def test_names_checked_and_non_bundle_refused(trained_project, tmp_path):
@@ -140,8 +148,7 @@ def test_bundle_dashboard_predicts_an_upload_and_agrees_with_the_api(bundle_serv
     errors: list[str] = []
     page = _offline_page(browser, errors)
     try:
-        page.goto(f"{bundle_server['url']}/voila/render/tiny.ipynb", wait_until="domcontentloaded", timeout=180_000)
-        page.wait_for_selector(".toolkit-upload", state="visible", timeout=180_000)
+        open_with_loading_state(page, f"{bundle_server['url']}/voila/render/tiny.ipynb", "Tiny clothing")
         file = photo(clothing_small, "pants")
         _upload(page, file.name, file.read_bytes())
         page.wait_for_selector(".toolkit-result .toolkit-prob", timeout=60_000)

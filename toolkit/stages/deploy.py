@@ -6,7 +6,8 @@ and the JSON API with nothing of the project around it:
     DIR/models/NAME/       the pickle-free model files (model.json, *.safetensors, metrics JSON)
     DIR/apps/NAME.ipynb    the dashboards' notebooks and apps/index.ipynb
     DIR/toolkit/           the toolkit modules serving imports, and nothing else (found by importing
-                           them in a child process with fastai blocked: serving is fastai-free)
+                           them in a child process with fastai blocked: serving is fastai-free),
+                           and the Voilà page template (toolkit/ui/jupyter: the loading state)
     DIR/requirements.txt   the distributions serving imports, pinned to the versions installed here
     DIR/start.sh           Voilà + API on $HOST:$PORT (default 0.0.0.0:8866); a token only with $TOKEN
     DIR/Dockerfile         python slim + CPU torch;  DIR/README.md
@@ -42,6 +43,7 @@ NOT_PINNED_PREFIXES = ("nvidia-", "triton", "cuda-")  # GPU wheels come with tor
 SERVING_MODULES = ("toolkit.ui.dashboard", "toolkit.ui.api", "toolkit.ui.serve", "toolkit.ui.voila",
                    "toolkit.ui.kernel_cap", "toolkit.stages.explain", "toolkit.stages.feedback",
                    "toolkit.tasks.pairs.dashboard", "voila.app", "ipykernel.kernelapp", "ipywidgets", "psutil")
+TEMPLATE_DIR = "ui/jupyter"  # toolkit.ui.voila.TEMPLATE_ROOT inside the package: Voila's page template
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 Log = Callable[[str], None]
 
@@ -242,13 +244,14 @@ def deploy(settings, names: Sequence[str] = (), out: str | Path = "deploy", *, e
             target = tmp / "toolkit" / file.resolve().relative_to(package)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(file, target)
+        shutil.copytree(package / TEMPLATE_DIR, tmp / "toolkit" / TEMPLATE_DIR)  # the page template: not a module
         (tmp / "settings.ini").write_text(_settings_text(settings.path, chosen), encoding="utf-8")
         from toolkit.settings import load_settings
 
         bundled = load_settings(tmp / "settings.ini")  # the bundle's own settings must read back
         (tmp / "apps").mkdir()
         for name in chosen:
-            nbformat.write(app_notebook(name), tmp / "apps" / f"{name}.ipynb")
+            nbformat.write(app_notebook(name, bundled.get(name).display_title), tmp / "apps" / f"{name}.ipynb")
         nbformat.write(index_notebook(bundled, cleaning=False), tmp / "apps" / "index.ipynb")
         (tmp / "requirements.txt").write_text(requirements_text(probe["pins"]), encoding="utf-8")
         (tmp / "start.sh").write_text(START_SH, encoding="utf-8")

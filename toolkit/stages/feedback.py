@@ -252,7 +252,8 @@ def _feedback_path(spec, item: dict[str, Any]) -> Path:
 def import_feedback(spec, item: dict[str, Any], *, label: str | None = None, log=None) -> dict[str, Any]:
     """Accept a feedback item: copy its image into scrape/NAME/<label>/ as a new raw file (existing raw
     files are never touched; the same image twice is imported once), append a manifest line with its
-    provenance (source "dashboard", time, label) and record the decision in decisions.jsonl.
+    provenance (source "dashboard", or "unlabelled" for feedback/NAME/_unlabelled/; time, label) and
+    record the decision in decisions.jsonl.
     Returns {"file": path relative to scrape/NAME, "label", "new": bool}."""
     from toolkit.core.images import open_image, perceptual_hash
     from toolkit.stages.clean.decisions import DecisionLog
@@ -275,12 +276,13 @@ def import_feedback(spec, item: dict[str, Any], *, label: str | None = None, log
             atomic_write(path, data)
             writer = ManifestWriter(root)
             try:
+                origin = "unlabelled" if item.get("unlabelled") else "dashboard"  # feedback/NAME/_unlabelled/
                 writer.append([{
-                    "class": label, "query": None, "backend": "dashboard", "rank": None, "url": None,
+                    "class": label, "query": None, "backend": origin, "rank": None, "url": None,
                     "page_url": None, "title": item.get("original_name"), "time": now(), "http_status": None,
                     "bytes": len(data), "sha256": sha, "phash": perceptual_hash(img), "width": img.width,
                     "height": img.height, "file": path.relative_to(root).as_posix(), "status": "ok",
-                    "source": "dashboard", "label": label, "feedback_file": item["file"],
+                    "source": origin, "label": label, "feedback_file": item["file"],
                     "feedback_time": item.get("time"), "predicted": item.get("predicted")}])
             finally:
                 writer.close()
@@ -298,3 +300,124 @@ def reject_feedback(spec, item: dict[str, Any], *, log=None) -> dict[str, Any]:
     _feedback_path(spec, item)
     log = log or DecisionLog(spec.cleaned_dir)
     return log.record(FEEDBACK_KEY + item["file"], "delete", reason="feedback rejected", source="feedback")
+
+
+# ---------------------------------------------------------------- what to label next (active learning)
+
+UNLABELLED = "_unlabelled"  # feedback/NAME/_unlabelled/: images without a label (never a label: no leading '_')
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def unlabelled_items(spec, log=None) -> list[dict[str, Any]]:
+    """The images in feedback/NAME/_unlabelled/ (put there by hand or a script: photos the model met
+    with no label) as feedback items with label None and their status from decisions.jsonl."""
+    from toolkit.stages.clean.decisions import DecisionLog
+
+    folder = Path(spec.feedback_dir) / UNLABELLED
+    if not folder.is_dir():
+        return []
+    state = (log or DecisionLog(spec.cleaned_dir)).state()
+    out = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue
+        rel = path.relative_to(spec.feedback_dir).as_posix()
+        decision = state.get(FEEDBACK_KEY + rel)
+        status = {"keep": "accepted", "delete": "rejected"}.get(decision["action"], "pending") if decision \
+            else "pending"
+        out.append({"file": rel, "label": None, "predicted": None, "probability": None, "probs": {},
+                    "original_name": path.name, "unlabelled": True, "status": status,
+                    "time": datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")})
+    return out
+
+
+def margins(probs: Any) -> Any:
+    """The normalized margin of each row of class probabilities: (top1 - top2) / top1, in [0, 1]
+    (0: the two best classes tie; 1: one class has all the probability). One class: 1."""
+    import numpy as np
+
+    p = np.asarray(probs, dtype=float)
+    if p.ndim != 2 or p.shape[1] < 2:
+        return np.ones(len(p))
+    top2 = -np.sort(-p, axis=1)[:, :2]
+    return (top2[:, 0] - top2[:, 1]) / np.maximum(top2[:, 0], 1e-12)
+
+
+def diverse_order(embeddings: Any, weights: Any, reference: Any = None) -> list[int]:
+    """Every row, ordered by greedy weighted k-center: each step takes the row whose weight x (cosine
+    distance to the nearest row already taken, or to the `reference` rows: the labelled data) is
+    largest. With equal weights it is farthest-point sampling; a copy of a taken row scores 0."""
+    import numpy as np
+
+    emb = np.asarray(embeddings, dtype=np.float32)
+    n = len(emb)
+    if n == 0:
+        return []
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    w = np.asarray(weights, dtype=float)
+    nearest = np.ones(n)  # no reference: every row is 1 (orthogonal) away, so the first pick is the max weight
+    if reference is not None and len(reference):
+        ref = np.asarray(reference, dtype=np.float32)
+        ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
+        for start in range(0, len(ref), 4096):
+            nearest = np.minimum(nearest, 1.0 - (emb @ ref[start:start + 4096].T).max(axis=1))
+    nearest = np.clip(nearest, 0.0, 2.0)
+    order: list[int] = []
+    taken = np.zeros(n, dtype=bool)
+    for _ in range(n):
+        score = np.where(taken, -np.inf, w * nearest + 1e-9 * w)  # ties (all copies): the more uncertain
+        pick = int(np.argmax(score))
+        order.append(pick)
+        taken[pick] = True
+        nearest = np.minimum(nearest, np.clip(1.0 - emb @ emb[pick], 0.0, 2.0))
+    return order
+
+
+def label_next(spec, *, log=None, predictor=None, reference: Any = None, size: int | None = None,
+               progress: bool = False) -> list[dict[str, Any]]:
+    """Pending feedback items and unlabelled images (feedback/NAME/_unlabelled/), most useful to label
+    first: uncertainty = 1 - the current model's normalized margin (models/NAME; without a model, the
+    probabilities the dashboard recorded), spread out by `diverse_order` on the cleaning app's cached
+    embeddings (cleaned_data/NAME/.cache), away from `reference` (embeddings of the labelled images,
+    e.g. the app's rankings) when given. Each item gains `uncertainty`, `margin`, `guess` (the model's
+    label) and `rank` (1 = first)."""
+    import numpy as np
+
+    from toolkit.core.images import open_image
+    from toolkit.stages.clean.embeddings import DEFAULT_SIZE, compute_embeddings
+
+    items = [i for i in feedback_status(spec, log) + unlabelled_items(spec, log) if i["status"] == "pending"]
+    paths, kept = [], []
+    for item in items:
+        try:
+            paths.append(_feedback_path(spec, item))
+            kept.append(item)
+        except ToolkitError:
+            continue
+    if not kept:
+        return []
+    if predictor is None and (Path(spec.models_dir) / "model.json").is_file():
+        from toolkit.tasks import cached_predictor
+
+        predictor = cached_predictor(spec.models_dir)
+    classes: list[str] = list(predictor.classes) if predictor is not None else []
+    probs = np.zeros((len(kept), max(len(classes), 2)))
+    if predictor is not None:
+        for start in range(0, len(paths), 32):
+            images = [open_image(p) for p in paths[start:start + 32]]  # decoded as the dashboard does
+            probs[start:start + len(images)] = predictor.predict_images(images)
+    else:
+        recorded = sorted({c for item in kept for c in (item.get("probs") or {})})
+        classes = recorded
+        probs = np.array([[float((item.get("probs") or {}).get(c, 0.0)) for c in recorded] or [0.5, 0.5]
+                          for item in kept])
+    margin = margins(probs)
+    emb, _, _ = compute_embeddings(paths, arch=spec.arch, size=size or DEFAULT_SIZE,
+                                   cache_dir=Path(spec.cleaned_dir) / ".cache")
+    order = diverse_order(emb, 1.0 - margin + 1e-3, reference)  # + a little: a sure image still spreads out
+    out = []
+    for rank, i in enumerate(order, 1):
+        guess = classes[int(np.argmax(probs[i]))] if classes and probs.shape[1] == len(classes) else None
+        out.append({**kept[i], "uncertainty": round(float(1.0 - margin[i]), 5), "margin": round(float(margin[i]), 5),
+                    "guess": guess, "rank": rank})
+    return out

@@ -1,7 +1,10 @@
 """The cleaning app's feedback tab: images dashboard users sent (feedback/NAME) with the label they
-gave; accept imports one into scrape/NAME/<label>/ (`toolkit.stages.feedback.import_feedback`: a new
-raw file, a manifest line with its provenance, a decision), reject records that; "more like this"
-ranks the raw images by similarity to it. The logic lives in the stage; this is the face."""
+gave, and unlabelled images (feedback/NAME/_unlabelled/); accept imports one into scrape/NAME/<label>/
+(`toolkit.stages.feedback.import_feedback`: a new raw file, a manifest line with its provenance, a
+decision) and adds it to the session's listing so that "apply" includes it; reject records that;
+"more like this" ranks the raw images by similarity to it. "show: label next" orders the pending ones
+by `toolkit.stages.feedback.label_next` (the current model's uncertainty, spread out on the
+embeddings, away from the raw images). The logic lives in the stage; this is the face."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import ipywidgets as W
 from toolkit.ui.clean_safe import _safe
 
 SHOWN = 48  # feedback items listed (pending first)
+LABEL_NEXT = "label next"
+ORDERS = ("pending first", LABEL_NEXT)
 
 
 class FeedbackPanel(W.VBox):
@@ -23,26 +28,48 @@ class FeedbackPanel(W.VBox):
         self.owner = owner
         self.message = W.HTML("")
         self.message.add_class("clean-fb-status")
+        self.order = W.ToggleButtons(options=ORDERS, value=ORDERS[0], description="show",
+                                     tooltips=["pending first, oldest first",
+                                               "the most useful to label first: the current model's least sure, "
+                                               "spread out (unlabelled images and pending feedback)"])
+        self.order.add_class("clean-fb-order")
+        self.order.observe(lambda _c: self.refresh(), names="value")
         self.list = W.Box(layout=W.Layout(display="flex", flex_flow="row wrap", gap="6px"))
-        super().__init__([self.message, self.list])
+        super().__init__([self.order, self.message, self.list])
         self.add_class("clean-feedback")
         self.n_pending = 0
+        self.items: list[dict[str, Any]] = []
         self.refresh()
 
     def refresh(self) -> None:
-        from toolkit.stages.feedback import feedback_status
+        from toolkit.stages.feedback import feedback_status, unlabelled_items
 
-        items = feedback_status(self.owner.spec, self.owner.decisions)
+        spec = self.owner.spec
+        items = feedback_status(spec, self.owner.decisions) + unlabelled_items(spec, self.owner.decisions)
         self.n_pending = sum(i["status"] == "pending" for i in items)
-        items.sort(key=lambda i: (i["status"] != "pending", str(i.get("time", ""))))
+        if self.order.value == LABEL_NEXT:
+            items = self._label_next()
+        else:
+            items.sort(key=lambda i: (i["status"] != "pending", str(i.get("time", ""))))
+        self.items = items[:SHOWN]
         old = self.list.children
-        self.list.children = [self._card(i, item) for i, item in enumerate(items[:SHOWN])] or [
+        self.list.children = [self._card(i, item) for i, item in enumerate(self.items)] or [
             W.HTML(f"<i class='clean-fb-empty'>no feedback yet in {html.escape(str(self.owner.spec.feedback_dir))}"
                    "</i>")]
         for card in old:
             card.close()
         if hasattr(self.owner, "tabs"):
             self.owner.tabs.titles = ("review", f"feedback ({self.n_pending})")
+
+    def _label_next(self) -> list[dict[str, Any]]:
+        """`toolkit.stages.feedback.label_next`, away from the raw images' embeddings when the app has them."""
+        from toolkit.stages.clean.embeddings import DEFAULT_SIZE
+        from toolkit.stages.feedback import label_next
+
+        rankings = getattr(self.owner, "rankings", None)
+        reference = getattr(rankings, "embeddings", None)
+        return label_next(self.owner.spec, log=self.owner.decisions, reference=reference,
+                          size=getattr(self.owner, "size", None) or DEFAULT_SIZE)
 
     def _thumb(self, item: dict[str, Any]) -> bytes:
         from PIL import Image
@@ -59,15 +86,19 @@ class FeedbackPanel(W.VBox):
         return buffer.getvalue()
 
     def _card(self, index: int, item: dict[str, Any]) -> W.Widget:
-        label = str(item.get("label", ""))
+        label = item.get("label")
         said = f"model said {html.escape(str(item.get('predicted')))} ({item.get('probability') or 0:.2f})" \
             if item.get("predicted") else "no model prediction"
+        given = f"user's label: <b>{html.escape(label)}</b>" if label else "<b>no label</b>"
+        ranked = (f"<span class='clean-fb-rank'>#{item['rank']}</span> uncertainty {item['uncertainty']:.2f}, "
+                  f"the model guesses <b>{html.escape(str(item.get('guess')))}</b><br>") if "rank" in item else ""
         caption = W.HTML("<div style='font-size:11px;line-height:1.2;overflow-wrap:anywhere'>"
-                         f"<b>{html.escape(item['file'])}</b><br>"
-                         f"user's label: <b>{html.escape(label)}</b><br>{said}<br>{html.escape(str(item.get('time')))}"
+                         f"{ranked}<b>{html.escape(item['file'])}</b><br>"
+                         f"{given}<br>{said}<br>{html.escape(str(item.get('time')))}"
                          f"<br>status: <span class='clean-fb-state'>{item['status']}</span></div>")
-        options = list(dict.fromkeys([label, *self.owner.classes]))
-        target = W.Dropdown(options=options, value=label, layout=W.Layout(width="150px"))
+        first = label or item.get("guess") or (self.owner.classes[0] if self.owner.classes else "")
+        options = [o for o in dict.fromkeys([first, *self.owner.classes]) if o]
+        target = W.Dropdown(options=options, value=first or None, layout=W.Layout(width="150px"))
         target.add_class("clean-fb-label")
         accept = W.Button(description="accept", button_style="success", layout=W.Layout(width="72px"))
         accept.add_class("clean-fb-accept")
@@ -93,10 +124,28 @@ class FeedbackPanel(W.VBox):
         from toolkit.stages.feedback import import_feedback
 
         result = import_feedback(self.owner.spec, item, label=label, log=self.owner.decisions)
+        self._add_to_session(result)
         self.message.value = (f"<span class='clean-fb-imported'>imported</span> {html.escape(item['file'])} as "
                               f"scrape/{html.escape(self.owner.spec.name)}/{html.escape(result['file'])}"
                               + ("" if result["new"] else " (already there)") + "; it is ranked on the next visit")
         self.refresh()
+
+    def _add_to_session(self, result: dict[str, Any]) -> None:
+        """Make the imported raw file part of this session's listing, so that the app's "apply" (which
+        builds cleaned_data/NAME from the listing made when the app opened) includes it. It goes at the
+        end, so the rankings' and the map's row numbers stay valid; it is ranked on the next visit."""
+        raw = getattr(self.owner, "raw", None)
+        if raw is None or result["file"] in set(raw.rel):
+            return
+        path = raw.root / result["file"]
+        raw.files.append(path)
+        raw.labels.append(result["label"])
+        raw.is_valid.append(False)  # a train image in this session; the next listing splits it by the rule
+        if result["label"] not in raw.classes:
+            raw.classes.append(result["label"])
+        files = getattr(self.owner, "files", None)
+        if isinstance(files, dict):
+            files[result["file"]] = path
 
     @_safe
     def reject(self, item: dict[str, Any]) -> None:

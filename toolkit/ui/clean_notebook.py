@@ -21,6 +21,7 @@ def clean_notebook():
                                               "decisions go to `cleaned_data/NAME/decisions.jsonl`."),
                 nbformat.v4.new_code_cell(CLEAN_SOURCE)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["title"] = "the cleaning app"  # the page title and its loading state ("Loading the cleaning app...")
     return nb
 
 

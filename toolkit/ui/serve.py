@@ -244,7 +244,7 @@ def serve_bundle(root: str | Path = ".", environ: dict[str, str] | None = None) 
     name, behind whatever proxy hosts it). Prints the URLs, then becomes Voilà (exec)."""
     import json
 
-    from toolkit.ui.voila import WITH_API, voila_command
+    from toolkit.ui.voila import WITH_API, template_env, voila_command
 
     env = dict(os.environ if environ is None else environ)
     root = Path(root).resolve()
@@ -269,5 +269,6 @@ def serve_bundle(root: str | Path = ".", environ: dict[str, str] | None = None) 
     sys.stdout.flush()
     command = voila_command(root / "apps", port, host, args, WITH_API)
     os.chdir(root)
-    os.execve(sys.executable, command, voila_env(dict(env, TOOLKIT_SETTINGS=str(root / "settings.ini")), token))
+    os.execve(sys.executable, command,
+              template_env(voila_env(dict(env, TOOLKIT_SETTINGS=str(root / "settings.ini")), token)))
     return 1  # not reached

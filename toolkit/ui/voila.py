@@ -64,13 +64,29 @@ def _die_with_parent() -> object | None:
 
 VOILA = "voila"
 WITH_API = "toolkit.ui.api"  # Voilà's app plus the JSON prediction API (toolkit.ui.api)
+TEMPLATE = "toolkit"  # toolkit/ui/jupyter/voila/templates/toolkit: Voilà's lab template + a named loading state
+TEMPLATE_ROOT = Path(__file__).resolve().parent / "jupyter"  # a Jupyter data folder, put first on $JUPYTER_PATH
 
 
 def voila_command(path: str | Path, port: int, host: str = "127.0.0.1",
                   extra_args: Sequence[str] = (), module: str = VOILA) -> list[str]:
-    """The command line: `python -m voila` or, with module=WITH_API, Voilà with the API."""
+    """The command line: `python -m voila` or, with module=WITH_API, Voilà with the API; pages use
+    the toolkit template (its environment needs `template_env`)."""
     return [sys.executable, "-m", module, str(path), "--no-browser", f"--port={port}", f"--Voila.ip={host}",
-            "--Voila.port_retries=0", "--strip_sources=True", *extra_args]
+            "--Voila.port_retries=0", "--strip_sources=True", f"--template={TEMPLATE}", *extra_args]
+
+
+def template_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of `env` (default: this process's) with the toolkit template's folder first on
+    $JUPYTER_PATH, where Voilà looks for `--template=toolkit`.
+
+    The template is Voilà 0.5's lab template with its spinner macro replaced: "Loading TITLE..."
+    and what runs, from Voilà's first byte until the notebook has run (measured: Voilà's own shows
+    "Running ..." without the title, and nothing at all before the kernel process is started)."""
+    env = dict(os.environ if env is None else env)
+    paths = [p for p in env.get("JUPYTER_PATH", "").split(os.pathsep) if p and Path(p) != TEMPLATE_ROOT]
+    env["JUPYTER_PATH"] = os.pathsep.join([str(TEMPLATE_ROOT), *paths])
+    return env
 
 
 def preheat_args(preheated: Sequence[str], others: Sequence[str]) -> list[str]:
@@ -100,7 +116,7 @@ def launch_voila(path: str | Path, port: int, host: str = "127.0.0.1", env: dict
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(voila_command(path, port, host, extra_args, module), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=template_env(env), cwd=cwd,
                                 start_new_session=True, preexec_fn=_die_with_parent())
     proc.log_path = log_path  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout
