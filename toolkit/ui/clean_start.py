@@ -3,7 +3,11 @@
 Importing the toolkit (torch, fastai, the task registry) takes seconds; this module imports only
 ipywidgets, shows a progress bar, and builds `CleanerWidget` in a thread, which ranks in its own
 background thread (see toolkit.ui.clean_app). ipywidgets updates from threads reach the page while
-the kernel runs, so Voilà shows the page as soon as the cell returns."""
+the kernel runs, so Voilà shows the page as soon as the cell returns.
+
+In a preheated kernel (Voilà's `preheat_kernel`: the notebook has run before any page asks for it,
+so the page is served at once) the thread first waits for the page's request (`voila.utils.
+wait_for_request`): a kernel waiting in the pool holds only ipywidgets, and ranks only for a page."""
 
 from __future__ import annotations
 
@@ -14,6 +18,17 @@ import traceback
 from pathlib import Path
 
 import ipywidgets as W
+
+
+def _wait_for_page() -> None:
+    """Block until Voilà hands this preheated kernel to a page (returns at once if that cannot be
+    known: the app then ranks without waiting, as an unheated kernel does)."""
+    try:
+        from voila.utils import wait_for_request
+
+        wait_for_request()
+    except Exception:  # noqa: BLE001 - never keep the app from starting
+        pass
 
 
 def start_cleaner(classifier: str | None = None, settings: str | Path | None = None, data: str | Path | None = None,
@@ -29,6 +44,8 @@ def start_cleaner(classifier: str | None = None, settings: str | Path | None = N
 
     def build() -> None:
         try:
+            if os.environ.get("VOILA_PREHEAT") == "True":  # in Voilà's pool: wait for a page to use it
+                _wait_for_page()
             from toolkit.settings import load_settings
             from toolkit.ui.clean_app import CleanerWidget
 
