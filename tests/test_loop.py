@@ -76,7 +76,11 @@ def test_label_next_puts_uncertain_and_diverse_images_first(loop_project):
     assert sum(r["file"] in group for r in order[:13]) == 1  # ... and its copies not again in the first half
     n = 6
     top = unc[:n]
-    assert top.mean() > unc.mean() + 0.05, (top, unc.mean())  # the first 6 are more uncertain than the average
+    # the first 6 are more uncertain than the typical image, and, the copies left aside, than the rest
+    # (by how much depends on how confident the model trained happens to be)
+    assert top.mean() > 2 * np.median(unc), (top, unc)
+    others = np.array([u for r, u in zip(order, unc) if r["file"] not in group])
+    assert others[:n].mean() > others[n:].mean(), others
     emb, _, _ = compute_embeddings(paths, arch=spec.arch, size=SIZE, cache_dir=spec.cleaned_dir / ".cache")
     emb = np.asarray(emb)
 
