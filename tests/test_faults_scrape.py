@@ -51,6 +51,8 @@ class Server:
         self.lock = threading.Lock()
         self.latency = 0.0
         self.drip = 0.2
+        self.gate = threading.Event()  # /slow/ answers wait for it (at most 60 s) once `gated` is set
+        self.gated = False
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,6 +80,8 @@ class Server:
         path = h.path
         if path.startswith(("/photo/", "/slow/")):
             if path.startswith("/slow/"):
+                if self.gated:
+                    self.gate.wait(60)
                 time.sleep(self.latency)
             body = jpeg(int(path.rsplit("/", 1)[1].split(".")[0]))
             h.send_response(200)
@@ -209,7 +213,7 @@ def test_load_manifest_repairs_only_what_does_not_parse(tmp_path):
 
 
 def test_two_scrapes_at_once_second_exits_2_with_one_line(server, tmp_path):
-    server.latency = 0.3
+    server.gated = True  # the first scrape stays mid-download until the second has been refused
     root = project(tmp_path, "[web]\nclasses = a\nmax_size = 64\n" + LOCAL)
     urls = url_file(tmp_path / "urls.tsv", server.base, {"a": range(0, 30)}, route="slow")
     first = subprocess.Popen([sys.executable, "-m", "toolkit", "scrape", "web", "--source", f"urls:{urls}",
@@ -226,6 +230,7 @@ def test_two_scrapes_at_once_second_exits_2_with_one_line(server, tmp_path):
         assert "another scrape" in line and f"pid {first.pid}" in line
     finally:
         first.kill()
+        server.gate.set()
         first.wait()
     done = run_cli("scrape", "web", "--source", f"urls:{urls}", "--quiet", cwd=root, timeout=120)
     assert done.returncode == 0, done.stderr  # kill -9 released the lock
