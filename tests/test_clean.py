@@ -133,6 +133,26 @@ def test_embeddings_come_from_the_cache(project, spec, ranked, monkeypatch):
     assert emb.shape == (10, 1280) and all(phash) and len(sha) == 10
 
 
+def test_clean_size_setting_is_shared_by_the_cli_and_the_app(tmp_path, clothing_small, monkeypatch):
+    """`clean_size` in settings.ini: `toolkit clean --report` embeds at it, and the app's rank (no size
+    given) then reads the same cache instead of computing the images again at another size."""
+    import toolkit.stages.clean.embeddings as embeddings
+    from toolkit.settings import load_settings
+    from toolkit.stages.clean.rank import list_raw_images, rank
+
+    copy_subset(clothing_small / "train", tmp_path / "scrape" / "c", CLASSES[:3], 8, seed=3)
+    (tmp_path / "settings.ini").write_text("[c]\nclean_size = 48\n")
+    done = run_cli("clean", "c", "--report", "--json", "--quiet", cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cache = tmp_path / "cleaned_data" / "c" / ".cache"
+    assert [p.name for p in cache.glob("embeddings-*.f32")] == ["embeddings-efficientnet_lite0-48.f32"]
+    spec = load_settings(tmp_path / "settings.ini").get("c")
+    assert spec.clean_size == 48
+    monkeypatch.setattr(embeddings, "_model", lambda arch: pytest.fail("the app computed the embeddings again"))
+    rankings = rank(spec, raw=list_raw_images(spec), with_model=False)
+    assert rankings.embeddings.shape == (24, 1280)
+
+
 def test_broken_files_and_manifest(tmp_path, clothing_small):
     from toolkit.settings import load_settings
     from toolkit.stages.clean.rank import list_raw_images

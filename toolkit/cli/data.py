@@ -36,7 +36,8 @@ def cmd_scrape(args: argparse.Namespace) -> int:
          arg("--undo", action="store_true", help="undo the last decision of one session (default: the one that "
              "decided last; it is printed)"), arg("--undo-all", action="store_true", help="undo all of one session's"),
          arg("--session", help="with --undo/--undo-all: the session whose decisions to undo"),
-         arg("--size", type=int, default=128, help="embedding image size (default 128)"),
+         arg("--size", type=int, default=None, help="with --report: embedding image size (default: the section's "
+             "clean_size, 128; set clean_size in settings.ini to give the app the same size)"),
          arg("--no-model", action="store_true", help="skip top losses even if models/NAME exists"),
          arg("--processes", type=int, default=1, help="with --report: embed new images in N processes (default 1)"),
          *BIND)
@@ -47,6 +48,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     if args.processes < 1:
         raise ToolkitError("clean --processes needs 1 or more")
+    if args.size is not None and not 32 <= args.size <= 1024:
+        raise ToolkitError("clean --size needs a whole number of pixels from 32 to 1024")
     spec = spec_of(args)
     if not (args.report or args.apply or args.dry_run or args.undo or args.undo_all):
         return serve_cleaner(spec, Path(args.settings).resolve(), args.data, args.host, args.port, out=out,

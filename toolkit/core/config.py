@@ -57,6 +57,13 @@ def parse_positive_int(value: str) -> int:
     return number
 
 
+def parse_embedding_size(value: str) -> int:
+    number = int(value)
+    if not 32 <= number <= 1024:
+        raise ValueError("must be a whole number of pixels from 32 to 1024")
+    return number
+
+
 def parse_non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -306,6 +313,8 @@ GENERIC_KEYS: dict[str, Key] = {
                  "regex on the file name whose first group names the group (per-group results)"),
     "seed": Key(int, "42", "random seed for splits, sampling and training", trains=True, splits=True),
     "preheat": Key(parse_bool, "no", "`toolkit serve` keeps a pre-heated Voila kernel for this dashboard"),
+    "clean_size": Key(parse_embedding_size, "128", "image size in pixels of the cleaning embeddings (`toolkit clean` "
+                      "and its app share them; 192 ranks flipped labels better at about twice the cold time)"),
 }
 # keys a sweep may vary; ensemble members may vary them too, except those that change the split
 TRAINING_KEYS = tuple(k for k, key in GENERIC_KEYS.items() if key.trains)
@@ -357,6 +366,7 @@ class ClassifierSpec:
     group: str = _default("group")
     seed: int = _default("seed")
     preheat: bool = _default("preheat")
+    clean_size: int = _default("clean_size")
     options: Mapping[str, Any] = field(default_factory=dict)
     explicit: frozenset[str] = frozenset()  # the keys settings.ini sets for this section (not defaults)
 

@@ -384,7 +384,7 @@ def label_next(spec, *, log=None, predictor=None, reference: Any = None, size: i
     import numpy as np
 
     from toolkit.core.images import open_image
-    from toolkit.stages.clean.embeddings import DEFAULT_SIZE, compute_embeddings
+    from toolkit.stages.clean.embeddings import compute_embeddings
 
     items = [i for i in feedback_status(spec, log) + unlabelled_items(spec, log) if i["status"] == "pending"]
     paths, kept = [], []
@@ -412,7 +412,7 @@ def label_next(spec, *, log=None, predictor=None, reference: Any = None, size: i
         probs = np.array([[float((item.get("probs") or {}).get(c, 0.0)) for c in recorded] or [0.5, 0.5]
                           for item in kept])
     margin = margins(probs)
-    emb, _, _ = compute_embeddings(paths, arch=spec.arch, size=size or DEFAULT_SIZE,
+    emb, _, _ = compute_embeddings(paths, arch=spec.arch, size=size or spec.clean_size,
                                    cache_dir=Path(spec.cleaned_dir) / ".cache")
     order = diverse_order(emb, 1.0 - margin + 1e-3, reference)  # + a little: a sure image still spreads out
     out = []

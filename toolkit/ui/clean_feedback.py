@@ -63,13 +63,12 @@ class FeedbackPanel(W.VBox):
 
     def _label_next(self) -> list[dict[str, Any]]:
         """`toolkit.stages.feedback.label_next`, away from the raw images' embeddings when the app has them."""
-        from toolkit.stages.clean.embeddings import DEFAULT_SIZE
         from toolkit.stages.feedback import label_next
 
         rankings = getattr(self.owner, "rankings", None)
         reference = getattr(rankings, "embeddings", None)
         return label_next(self.owner.spec, log=self.owner.decisions, reference=reference,
-                          size=getattr(self.owner, "size", None) or DEFAULT_SIZE)
+                          size=getattr(self.owner, "size", None))
 
     def _thumb(self, item: dict[str, Any]) -> bytes:
         from PIL import Image
@@ -157,9 +156,9 @@ class FeedbackPanel(W.VBox):
 
     @_safe
     def similar(self, item: dict[str, Any]) -> None:
-        from toolkit.stages.clean.embeddings import DEFAULT_SIZE, compute_embeddings
+        from toolkit.stages.clean.embeddings import compute_embeddings
 
         spec = self.owner.spec
         emb, _, _ = compute_embeddings([spec.feedback_dir / item["file"]], arch=spec.arch,
-                                       size=self.owner.size or DEFAULT_SIZE, cache_dir=spec.cleaned_dir / ".cache")
+                                       size=self.owner.size or spec.clean_size, cache_dir=spec.cleaned_dir / ".cache")
         self.owner.show_similar(vector=emb[0], title=f"feedback {item['file']}")

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.core.config import GENERIC_KEYS
 from toolkit.core.images import load_squished, perceptual_hash, sha256_file
 
-DEFAULT_SIZE = 128
+DEFAULT_SIZE = GENERIC_KEYS["clean_size"].default_value()  # a section's `clean_size` overrides it
 FLUSH_ROWS = 1024  # rows appended to the cache at a time (bounds the memory of a long first visit)
 # per image, from the size x size thumbnail (grey = ITU-R 601 luma), plus the file's own pixel size
 QUALITY_STATS = ("brightness", "blur", "entropy", "colourfulness", "width", "height")

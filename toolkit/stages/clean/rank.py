@@ -28,7 +28,7 @@ from toolkit.core.config import ClassifierSpec
 from toolkit.core.images import verify_images
 from toolkit.data import find_data_dir, labelled_split
 from toolkit.stages.clean.confusion import confusion_pairs
-from toolkit.stages.clean.embeddings import DEFAULT_SIZE, embed
+from toolkit.stages.clean.embeddings import embed
 from toolkit.stages.clean.neighbours import Neighbours, knn_disagreement, knn_graph, knn_label_probs
 from toolkit.stages.clean.quality import quality_table
 from toolkit.tasks import load_predictor, task_of, task_of_meta
@@ -472,11 +472,12 @@ class Rankings:
         }
 
 
-def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_SIZE, arch: str | None = None,
+def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int | None = None, arch: str | None = None,
          folds: int = 5, with_model: bool = True, raw: RawImages | None = None,
          progress: Callable[[str], None] | None = None,
          on_progress: Callable[[float, str], None] | None = None, processes: int = 1) -> Rankings:
-    """Compute every ranking for the classifier's raw images (embeddings cached under cleaned_data/NAME/.cache).
+    """Compute every ranking for the classifier's raw images (embeddings cached under cleaned_data/NAME/.cache;
+    `size` defaults to the section's `clean_size`).
 
     `progress(message)` hears each step; `on_progress(fraction, message)` also hears how far the whole
     computation is (0..1; the embeddings are most of it), for a percentage bar. `processes` > 1 shards
@@ -503,7 +504,7 @@ def rank(spec: ClassifierSpec, data: Path | None = None, *, size: int = DEFAULT_
         if on_progress:
             on_progress(0.02 + 0.83 * done / max(total, 1), f"embedding images: {done} of {total} new")
 
-    out = embed(raw.files, arch=arch or spec.arch, size=size, cache_dir=spec.cleaned_dir / ".cache",
+    out = embed(raw.files, arch=arch or spec.arch, size=size or spec.clean_size, cache_dir=spec.cleaned_dir / ".cache",
                 progress=embedded, processes=processes)
     emb, phash, sha = out.embeddings, out.phash, out.sha256
     times["embeddings"] = time.perf_counter() - t0

@@ -14,7 +14,7 @@ from toolkit.stages.clean.rank import list_raw_images, rank, write_report
 
 def clean_batch(spec: ClassifierSpec, data: Path | None = None, *, report: bool = False, apply: bool = False,
                 dry_run: bool = False, undo: bool = False, undo_all: bool = False, session: str | None = None,
-                size: int = 128, with_model: bool = True, processes: int = 1,
+                size: int | None = None, with_model: bool = True, processes: int = 1,
                 warn: Callable[[str], None] = lambda line: None) -> tuple[dict[str, Any], list[str], int]:
     """Undo (one session's: `session`, default the one that decided last), then rank (--report), then
     apply or dry-run, in that order; (result, text lines, exit code: 1 when decisions were refused)."""
