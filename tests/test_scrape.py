@@ -50,6 +50,8 @@ class Site:
         self.lock = threading.Lock()
         self.latency = 0.0
         self.slow = 4.0
+        self.hold_after: int | None = None  # requests after this many wait for `gate` (at most 60 s)
+        self.gate = threading.Event()
         near = Image.open(io.BytesIO(photos[0])).convert("RGB")
         near = near.resize((near.width * 3 // 4, near.height * 3 // 4))
         buffer = io.BytesIO()
@@ -112,6 +114,9 @@ def site(photos):
             path = self.path
             with state.lock:
                 state.hits[path] = state.hits.get(path, 0) + 1
+                held = state.hold_after is not None and sum(state.hits.values()) > state.hold_after
+            if held:
+                state.gate.wait(60)
             status, headers, body, delay = state.route(path)
             time.sleep(delay + state.latency)
             try:
@@ -467,6 +472,7 @@ def test_cli_fashion_mnist_keeps_test_split(tmp_path):
 
 def test_sigkill_then_rerun_is_consistent(site, tmp_path):
     site.latency = 0.05
+    site.hold_after = 10  # the rest wait until after the kill, so it lands mid-run however loaded the machine
     root = _project(tmp_path, "[web]\nclasses = pants, shirts\nmax_size = 64\n" + LOCAL)
     urls = tmp_path / "urls.tsv"
     urls.write_text("".join(f"pants\t{site.base}/photo/{i}.jpg\n" for i in range(10, 30)) +
@@ -483,6 +489,7 @@ def test_sigkill_then_rerun_is_consistent(site, tmp_path):
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    site.gate.set()
     first_lines = manifest.read_bytes().count(b"\n")
     assert 6 <= first_lines < 29, "the kill should land mid-run"
     hits_before = dict(site.hits)
