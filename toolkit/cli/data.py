@@ -43,13 +43,17 @@ def cmd_scrape(args: argparse.Namespace) -> int:
          *BIND)
 def cmd_clean(args: argparse.Namespace) -> int:
     """Rank and clean a classifier's raw images: the Voila widget, --report [--json] or --apply."""
+    from toolkit.core.config import parse_embedding_size
     from toolkit.stages.clean.run import clean_batch
     from toolkit.ui.serve import serve_cleaner
 
     if args.processes < 1:
         raise ToolkitError("clean --processes needs 1 or more")
-    if args.size is not None and not 32 <= args.size <= 1024:
-        raise ToolkitError("clean --size needs a whole number of pixels from 32 to 1024")
+    if args.size is not None:
+        try:
+            parse_embedding_size(str(args.size))
+        except ValueError as error:
+            raise ToolkitError(f"clean --size {error}") from None
     spec = spec_of(args)
     if not (args.report or args.apply or args.dry_run or args.undo or args.undo_all):
         return serve_cleaner(spec, Path(args.settings).resolve(), args.data, args.host, args.port, out=out,
