@@ -141,3 +141,60 @@ def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small, epochs):
     if not epochs:
         with pytest.raises(ToolkitError, match="nothing would train"):
             fit_learner(learn, spec.with_overrides(freeze_epochs=0), tmp_path, log=lambda line: None, progress=False)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[x]\ntime_budget = -1\n", "settings [x] time_budget = '-1': must be minutes"),
+    ("[x]\ntime_budget = soon\n", "settings [x] time_budget = 'soon'"),
+])
+def test_time_budget_is_checked(tmp_path, text, expected):
+    with pytest.raises(SettingsError) as info:
+        load_settings(write(tmp_path, text))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_time_budget_runs_only_the_unfrozen_epochs_that_fit(tmp_path, clothing_small):
+    """A real fastai fit with epochs = 2: a budget already spent leaves both unfrozen epochs out
+    (the cached head is the model, and the log says why); time_budget = 0 and a roomy budget run
+    both. Timing a training step leaves the weights and batch-norm statistics as they were."""
+    import time
+
+    import torch
+    from conftest import TINY_CLASSES, copy_subset
+
+    from toolkit.core.backbones import create_model, get_backbone
+    from toolkit.data import make_dataloaders
+    from toolkit.learn import fit_learner, make_learner, training_step_seconds
+    from toolkit.tasks import get_task
+
+    copy_subset(clothing_small / "train", tmp_path / "data", TINY_CLASSES, 6)
+    (tmp_path / "settings.ini").write_text("[x]\ndata = data\nsize = 32\nbs = 8\nepochs = 2\nfreeze_epochs = 1\n"
+                                           "lr = 1e-3\nlr_find_iters = 2\nbody_bn = adapt\n")
+    spec = load_settings(tmp_path / "settings.ini").get("x")
+    assert spec.time_budget == 15.0
+    dataset = get_task(spec.task).load_data(spec, progress=False)
+    backbone = get_backbone(spec.arch)
+    dls = make_dataloaders(dataset, spec.size, spec.bs, backbone.mean, backbone.std, progress=False, cache=False)
+
+    def learner():
+        return make_learner(dls, create_model(spec.arch, len(dataset.classes)), tmp_path, progress=False,
+                            keep_bn_stats=False)
+
+    learn = learner()
+    learn.unfreeze()
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    assert training_step_seconds(learn) > 0
+    after = learn.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in learn.model.parameters())
+
+    lines = []
+    spent = fit_learner(learner(), spec, tmp_path, log=lines.append, progress=False, started=time.time() - 15 * 60)
+    assert spent["epochs_run"] == 0 and len(spent["values"]) == 1  # the cached head's epoch alone
+    assert any("time_budget 15 min: 0 of 2 unfrozen epoch(s) fit" in line for line in lines)
+    for budget in (0, 600):
+        lines.clear()
+        fitted = fit_learner(learner(), spec.with_overrides(time_budget=budget), tmp_path, log=lines.append,
+                             progress=False, started=time.time() - 15 * 60)
+        assert fitted["epochs_run"] == 2 and len(fitted["values"]) == 3
+        assert not any("time_budget" in line for line in lines)

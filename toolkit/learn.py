@@ -242,14 +242,64 @@ def feature_learner(learn, out: Path, *, progress: bool = True):
     return features
 
 
+def training_step_seconds(learn, batches: int = 2) -> float:
+    """Seconds of one training step (forward, loss, backward) of `learn`'s model on a training batch,
+    as the unfrozen phase runs it (train mode, the body's batch norms as `PretrainedBatchNormStats`
+    keeps them, channels-last): the fastest of `batches` tries. Weights, gradients and batch-norm
+    statistics are left as they were."""
+    from toolkit.callbacks import PretrainedBatchNormStats
+
+    model = learn.model
+    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    xb, yb = learn.dls.train.one_batch()
+    xb = xb.contiguous(memory_format=torch.channels_last)
+    model.train()
+    keeper = next((cb for cb in learn.cbs if isinstance(cb, PretrainedBatchNormStats)), None)
+    if keeper is not None:
+        keeper.learn = learn
+        keeper.before_train()
+    best = float("inf")
+    try:
+        for _ in range(batches):
+            started = time.perf_counter()
+            learn.loss_func(model(xb), yb).backward()
+            best = min(best, time.perf_counter() - started)
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
+    return best
+
+
+def epochs_in_budget(learn, spec: ClassifierSpec, started: float, log: Callable[[str], None] = print) -> int:
+    """How many of spec's unfrozen epochs fit in `time_budget` minutes counted from `started` (all of
+    them when time_budget = 0): one epoch ~ its training steps plus a forward pass of validation
+    (a third of a step per batch), and one more validation pass is kept for scoring and export."""
+    if not spec.time_budget or not spec.epochs:
+        return spec.epochs
+    step = training_step_seconds(learn)
+    valid_s = len(learn.dls.valid) * step / 3
+    epoch_s = len(learn.dls.train) * step + valid_s
+    left = spec.time_budget * 60 - (time.time() - started) - valid_s - 30
+    fit = max(0, min(spec.epochs, int(left // epoch_s)))
+    if fit < spec.epochs:
+        log(f"time_budget {spec.time_budget:g} min: {fit} of {spec.epochs} unfrozen epoch(s) fit (about "
+            f"{epoch_s / 60:.1f} min each on this machine, {max(left, 0) / 60:.1f} min left); "
+            f"set time_budget = 0 to run them all")
+    return fit
+
+
 def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], None] = print,
-                progress: bool = True, callbacks: Sequence = ()) -> dict:
+                progress: bool = True, callbacks: Sequence = (), started: float | None = None) -> dict:
     """lr_find (plotted to out/lr_find.png) then fine_tune with the CSV log, the loss history and the
     best epoch across both phases loaded back; returns lr, lr_find, history and fit_seconds.
     `callbacks` are extra fastai callbacks for the fit (e.g. TensorBoard in sweeps).
 
     For a body + fastai head, the frozen phase trains the head on cached body features
-    (`feature_learner`); the unfrozen phase is then fine_tune's second half, unchanged."""
+    (`feature_learner`); the unfrozen phase is then fine_tune's second half, with as many of
+    `epochs` as fit in `time_budget` minutes from `started` (the training's start; default: now).
+    The returned `epochs_run` says how many ran."""
     import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, also in ranks that skip lr_find)
     from fastai.callback.progress import CSVLogger
     from fastai.callback.tracker import SaveModelCallback
@@ -263,6 +313,8 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     best = SaveModelCallback(monitor="accuracy", fname="best", reset_on_fit=False)
     extra_cbs = [*([CSVLogger(fname="history.csv", append=True)] if main else []), history, best, *callbacks]
     fit_started = time.time()
+    started = fit_started if started is None else started
+    epochs_run = spec.epochs
     if spec.epochs + spec.freeze_epochs == 0:
         raise ToolkitError(f"[{spec.name}] epochs = 0 and freeze_epochs = 0: nothing would train; set either above 0")
     learn.wd = spec.wd  # settings wd and dropout (fastai's ps), also for the cached head below
@@ -289,8 +341,10 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
         log(f"frozen phase: head on cached body features, valid accuracy {best.best:.2%}")
         if spec.epochs:  # epochs = 0: quick mode, the head on cached features is the model
             learn.unfreeze()
+            epochs_run = distributed.broadcast(epochs_in_budget(learn, spec, started, log) if main else None)
+        if epochs_run:
             with distributed.data_parallel(learn):
-                learn.fit_one_cycle(spec.epochs, slice(lr / 2 / spec.lr_mult, lr / 2), pct_start=0.3, div=5.0,
+                learn.fit_one_cycle(epochs_run, slice(lr / 2 / spec.lr_mult, lr / 2), pct_start=0.3, div=5.0,
                                     cbs=extra_cbs)
     elif spec.pretrained and spec.freeze_epochs:  # not body + fastai head (the siamese pair model)
         with distributed.data_parallel(learn):
@@ -307,6 +361,7 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     distributed.barrier()  # every rank has loaded the best epoch before rank 0 removes its file
     if main:
         (out / "best.pth").unlink(missing_ok=True)  # the best epoch is loaded into learn.model
-    values += [list(v) for v in getattr(learn.recorder, "values", [])] if spec.epochs or not cached else []
-    return {"lr": lr, "lr_find": found, "history": history, "fit_seconds": fit_seconds, "values": values}
+    values += [list(v) for v in getattr(learn.recorder, "values", [])] if epochs_run or not cached else []
+    return {"lr": lr, "lr_find": found, "history": history, "fit_seconds": fit_seconds, "values": values,
+            "epochs_run": epochs_run}
 

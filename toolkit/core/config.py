@@ -71,6 +71,13 @@ def parse_non_negative_int(value: str) -> int:
     return number
 
 
+def parse_minutes(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 7 * 24 * 60:
+        raise ValueError("must be minutes from 0 (no limit) to 10080, such as 15")
+    return number
+
+
 def parse_lr(value: str) -> float | None:
     if value.strip().lower() in ("", "auto"):
         return None
@@ -296,6 +303,9 @@ GENERIC_KEYS: dict[str, Key] = {
                   "cached body features, the fastest honest model)", trains=True),
     "freeze_epochs": Key(parse_non_negative_int, "8",
                          "frozen-phase epochs: the head alone, on cached body features (cheap)", trains=True),
+    "time_budget": Key(parse_minutes, "15", "minutes `toolkit train` may take: after the frozen phase it times a "
+                       "training step and runs only the unfrozen epochs that fit (0: no limit, all `epochs`)",
+                       trains=True),
     "bs": Key(parse_positive_int, "32", "batch size", trains=True),
     "lr": Key(parse_lr, "auto", "learning rate, or auto for the lr_find valley", trains=True),
     "lr_find_iters": Key(parse_positive_int, "40", "mini-batches lr_find tries", trains=True),
@@ -354,6 +364,7 @@ class ClassifierSpec:
     size: int = _default("size")
     epochs: int = _default("epochs")
     freeze_epochs: int = _default("freeze_epochs")
+    time_budget: float = _default("time_budget")
     bs: int = _default("bs")
     lr: float | None = _default("lr")
     lr_find_iters: int = _default("lr_find_iters")

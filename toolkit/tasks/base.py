@@ -129,7 +129,7 @@ class Task:
         model = create_model(spec.arch, len(dataset.classes), pretrained=spec.pretrained)
         learn = make_learner(dls, model, out, pretrained=spec.pretrained, progress=progress,
                              keep_bn_stats=spec.body_bn == "frozen")
-        fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks)
+        fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks, started=started)
         if not distributed.is_main():  # rank 0 alone scores and writes models/NAME/
             return {"name": spec.name, "world_size": world, "rank": distributed.rank()}
         with distributed.single_process():  # fastai would gather predictions from ranks that have left
@@ -149,10 +149,11 @@ class Task:
         plot_losses(fitted["history"], out / "losses.png")
         plot_top_losses([load_squished(f, spec.size) for f in valid_files], valid_labels, probs,
                         dataset.classes, out / "top_losses.png")
-        epochs_run = spec.epochs + spec.freeze_epochs
+        epochs_run = fitted["epochs_run"] + spec.freeze_epochs
         metrics.update({
             "name": spec.name, "task": self.name, "arch": spec.arch, "size": spec.size, "epochs": spec.epochs,
-            "freeze_epochs": spec.freeze_epochs, "bs": spec.bs, "lr": fitted["lr"], "lr_mult": spec.lr_mult,
+            "epochs_run": fitted["epochs_run"], "time_budget": spec.time_budget, "freeze_epochs": spec.freeze_epochs,
+            "bs": spec.bs, "lr": fitted["lr"], "lr_mult": spec.lr_mult,
             "lr_find": fitted["lr_find"], "n_train": dataset.n_train, "n_valid": dataset.n_valid,
             "bad_files": len(dataset.bad), "warnings": dataset.warnings, "data": str(dataset.root),
             "data_fingerprint": fingerprint, "fit_seconds": round(fitted["fit_seconds"], 1),

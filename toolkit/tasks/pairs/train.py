@@ -52,7 +52,7 @@ def train_approach(spec: ClassifierSpec, approach: str, pair_data: PairData, out
     splitter = siamese_split if approach == "siamese" else body_head_split
     learn = make_learner(dls, model, out, splitter=splitter, pretrained=spec.pretrained, progress=progress)
     log(f"{approach}: training on {len(pair_data.train)} pairs, validating on {len(pair_data.valid)}")
-    fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks)
+    fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks, started=started)
     meta = {"task": "pairs", "approach": approach, "name": spec.name, "title": spec.display_title,
             "description": spec.description, "arch": spec.arch, "pretrained": spec.pretrained, "classes": LABELS,
             "size": spec.size, "mean": list(backbone.mean), "std": list(backbone.std),
@@ -65,7 +65,8 @@ def train_approach(spec: ClassifierSpec, approach: str, pair_data: PairData, out
     values = learn.recorder.values
     metrics.update({
         "name": spec.name, "approach": approach, "arch": spec.arch, "size": spec.size, "epochs": spec.epochs,
-        "freeze_epochs": spec.freeze_epochs, "bs": spec.bs, "lr": fitted["lr"], "lr_mult": spec.lr_mult,
+        "epochs_run": fitted["epochs_run"], "freeze_epochs": spec.freeze_epochs, "bs": spec.bs, "lr": fitted["lr"],
+        "lr_mult": spec.lr_mult,
         "lr_find": fitted["lr_find"], "n_train": len(pair_data.train), "n_valid": len(pair_data.valid),
         "learner_accuracy": round(float(max(v[2] for v in values)), 4) if values else None,
         "data": str(pair_data.root), **pair_data.summary(), "bad_files": len(pair_data.bad),
