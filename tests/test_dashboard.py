@@ -128,8 +128,24 @@ def test_every_app_notebook_executes_headlessly(trained_project, monkeypatch):
 def test_dashboard_header_and_model_card(board):
     assert "Tiny clothing" in board.header.value and "Three clothing classes" in board.header.value
     card = board.card.value
-    for text in ("pants, shoes, t-shirt", "efficientnet_lite0", "96 px", "trained", "validation accuracy"):
+    for text in ("pants, shoes, t-shirt", "efficientnet_lite0", "96 px", "trained", "validation accuracy",
+                 "frozen (cached features) + "):
         assert text in card
+
+
+def test_model_card_says_when_time_budget_left_epochs_out(tmp_path):
+    import json
+
+    from toolkit.settings import load_settings
+    from toolkit.ui.dashboard import model_card_html
+
+    (tmp_path / "settings.ini").write_text("[x]\n")
+    spec = load_settings(tmp_path / "settings.ini").get("x")
+    spec.models_dir.mkdir(parents=True)
+    (spec.models_dir / "metrics.json").write_text(json.dumps(
+        {"accuracy": 0.9, "n": 10, "epochs": 2, "epochs_run": 0, "freeze_epochs": 8, "time_budget": 15.0}))
+    card = model_card_html(spec, {"classes": ["a", "b"]})
+    assert "8 frozen (cached features) + 0 unfrozen epoch(s) of 2 (time_budget 15.0 min)" in card
 
 
 def test_predicts_a_real_photo(board, clothing_small):
