@@ -156,7 +156,7 @@ def test_time_budget_is_checked(tmp_path, text, expected):
 def test_time_budget_runs_only_the_unfrozen_epochs_that_fit(tmp_path, clothing_small):
     """A real fastai fit with epochs = 2: a budget already spent leaves both unfrozen epochs out
     (the cached head is the model, and the log says why); time_budget = 0 and a roomy budget run
-    both. Timing a training step leaves the weights and batch-norm statistics as they were."""
+    both. Timing a training step (3 tries) leaves the weights and batch-norm statistics as they were."""
     import time
 
     import torch
