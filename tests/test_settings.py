@@ -87,8 +87,10 @@ def test_cli_reports_settings_errors_in_one_line(tmp_path):
     ("[x]\nwd = -0.1\n", "settings [x] wd = '-0.1': must be a weight decay"),
     ("[x]\nwd = lots\n", "settings [x] wd = 'lots'"),
     ("[x]\ndropout = 1\n", "settings [x] dropout = '1': must be a dropout probability"),
+    ("[x]\ntime_budget = -1\n", "settings [x] time_budget = '-1': must be minutes"),
+    ("[x]\ntime_budget = soon\n", "settings [x] time_budget = 'soon'"),
 ])
-def test_wd_and_dropout_are_checked(tmp_path, text, expected):
+def test_wd_dropout_and_time_budget_are_checked(tmp_path, text, expected):
     with pytest.raises(SettingsError) as info:
         load_settings(write(tmp_path, text))
     assert expected in str(info.value) and "\n" not in str(info.value)
@@ -141,16 +143,6 @@ def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small, epochs):
     if not epochs:
         with pytest.raises(ToolkitError, match="nothing would train"):
             fit_learner(learn, spec.with_overrides(freeze_epochs=0), tmp_path, log=lambda line: None, progress=False)
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("[x]\ntime_budget = -1\n", "settings [x] time_budget = '-1': must be minutes"),
-    ("[x]\ntime_budget = soon\n", "settings [x] time_budget = 'soon'"),
-])
-def test_time_budget_is_checked(tmp_path, text, expected):
-    with pytest.raises(SettingsError) as info:
-        load_settings(write(tmp_path, text))
-    assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 def test_time_budget_runs_only_the_unfrozen_epochs_that_fit(tmp_path, clothing_small):
