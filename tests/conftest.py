@@ -17,6 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 OFFLINE = Path(__file__).resolve().parent / "offline"
 
+# With `pytest -n N` each worker (and every CLI it starts) gets its share of the cores for torch's
+# and OpenMP's thread pools: N workers with a pool each as wide as the machine oversubscribe it, and
+# spinning OpenMP threads then wait on each other (measured: the suite 17 min 47 s on 2 cores).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def _is_loopback(host) -> bool:
     return isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1"))
