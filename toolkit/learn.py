@@ -257,8 +257,7 @@ def training_step_seconds(learn, batches: int = 3) -> float:
     model.to(memory_format=torch.channels_last)  # as fastai's ChannelsLast does before the fit
     model.train()
     keeper = next((cb for cb in learn.cbs if isinstance(cb, PretrainedBatchNormStats)), None)
-    if keeper is not None:
-        keeper.learn = learn
+    if keeper is not None:  # fastai's add_cb already gave it `learn`
         keeper.before_train()
     best = float("inf")
     try:
