@@ -5,8 +5,10 @@ flip into one or two fixed neighbour classes (the class's nearest class centroid
 the number, 1 or 2, and which images flip are seeded); repeated for `--seeds` seeds (hold-out).
 
 Scores (each ranks all images, most suspicious first), all in the same run on the same labels:
-- cleaned_margin (the toolkit's default since the ranking study, bench/clean_rank.py): normalized
-  margin on `rank.cleaned_out_of_fold_probs` (5-fold heads, C=3, refit without the 20% most suspicious);
+- cleaned_margin (the toolkit's default): normalized margin on `rank.cleaned_out_of_fold_probs`
+  (5-fold heads, C=3, refit without the 20% most suspicious) over `Embedded.features` (the final and
+  inner-stage pooled features); cleaned_margin_final_only: the same on the final features alone (the
+  default before the inner stages joined, the baseline of that change);
 - self_confidence, normalized_margin (the previous default, the named baseline): cleanlab's
   label-quality scores on one round of 5-fold out-of-fold logistic-regression probabilities (C=1)
   over pretrained embeddings;
@@ -19,7 +21,7 @@ default `find_label_issues` (a set, not a ranking: its precision and recall).
 Figures: precision@k and recall@k at k = number flipped, AUPRC; seconds per 1,000 images cold
 (embeddings computed) and warm (from the cache) for the toolkit's ranking.
 
-Usage: python bench/clean.py [--size 128] [--seeds 0,1] [--rates 0.2,0.4] [--skip-fastai] [--n N].
+Usage: python bench/clean.py [--data DIR] [--size 128] [--seeds 0,1] [--rates 0.2,0.4] [--skip-fastai] [--n N].
 Last line: RESULT {json}.
 """
 
@@ -90,8 +92,9 @@ def percentile(values: np.ndarray) -> np.ndarray:
     return ranks / max(1, len(values) - 1)
 
 
-def toolkit_scores(emb: np.ndarray, noisy: np.ndarray, n_classes: int, seed: int, graph) -> dict[str, np.ndarray]:
-    """Every score as suspicion (high = likely flipped)."""
+def toolkit_scores(emb: np.ndarray, feats: np.ndarray, noisy: np.ndarray, n_classes: int, seed: int,
+                   graph) -> dict[str, np.ndarray]:
+    """Every score as suspicion (high = likely flipped); `emb` the final features, `feats` the whole rows."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):
@@ -105,9 +108,12 @@ def toolkit_scores(emb: np.ndarray, noisy: np.ndarray, n_classes: int, seed: int
     for w in (0.3, 0.5, 0.7):
         out[f"combined_{w}"] = 1 - get_label_quality_scores(noisy, mixed_probs(probs, kp, w), method="self_confidence")
     out["rank_mean"] = 0.5 * percentile(out["self_confidence"]) + 0.5 * percentile(dis)
+    with threadpool_limits(1):
+        final_only = cleaned_out_of_fold_probs(emb, noisy, n_classes, folds=5, seed=seed)
+    out["cleaned_margin_final_only"] = 1 - label_scores(noisy, final_only)["normalized_margin"]
     start = time.perf_counter()
     with threadpool_limits(1):
-        cleaned = cleaned_out_of_fold_probs(emb, noisy, n_classes, folds=5, seed=seed)
+        cleaned = cleaned_out_of_fold_probs(feats, noisy, n_classes, folds=5, seed=seed)
     out["cleaned_margin"] = 1 - label_scores(noisy, cleaned)["normalized_margin"]
     out["_seconds_default"] = time.perf_counter() - start
     out["_probs"] = probs
@@ -150,6 +156,7 @@ def fastai_losses(files, noisy_names, classes, size: int, seed: int) -> np.ndarr
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--data", default=str(DATA), help="class folders to flip (default: clothing-small train)")
     parser.add_argument("--cache", default="", help="embeddings cache folder to keep (default: a new temporary one)")
     parser.add_argument("--seeds", default="1,2", help="held out: the study chose on seed 0")
     parser.add_argument("--rates", default="0.2,0.4")
@@ -161,19 +168,20 @@ def main() -> None:
     from cleanlab.filter import find_label_issues
 
     torch.set_num_threads(2)
-    files, labels = list_labelled_images(DATA)
+    files, labels = list_labelled_images(Path(args.data))
     if args.n:
         pick = sorted(random.Random(0).sample(range(len(files)), args.n))
         files, labels = [files[i] for i in pick], [labels[i] for i in pick]
     classes = sorted(set(labels))
     y = np.array([classes.index(c) for c in labels])
-    print(f"{len(files)} photos of clothing-small train, {len(classes)} classes, {args.size}px", flush=True)
+    print(f"{len(files)} images of {args.data}, {len(classes)} classes, {args.size}px", flush=True)
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="bench-clean-"))
     start = time.perf_counter()
-    emb = embed(files, size=args.size, cache_dir=cache).embeddings
+    embed(files, size=args.size, cache_dir=cache)
     t_embed_cold = time.perf_counter() - start
     start = time.perf_counter()
-    emb = np.asarray(embed(files, size=args.size, cache_dir=cache).embeddings)
+    embedded = embed(files, size=args.size, cache_dir=cache)
+    emb, feats = np.asarray(embedded.embeddings), np.asarray(embedded.features)
     t_embed_warm = time.perf_counter() - start
     start = time.perf_counter()
     graph = knn_graph(emb)
@@ -184,7 +192,7 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             noisy, flipped, targets = asymmetric_noise(y, emb, len(classes), rate, seed)
             start = time.perf_counter()
-            scores = toolkit_scores(emb, noisy, len(classes), seed, graph)
+            scores = toolkit_scores(emb, feats, noisy, len(classes), seed, graph)
             rank_seconds.append(scores.pop("_seconds_default"))  # the default score's time
             probs = scores.pop("_probs")
             cleaned = scores.pop("_cleaned_probs")

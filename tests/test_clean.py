@@ -133,6 +133,23 @@ def test_embeddings_come_from_the_cache(project, spec, ranked, monkeypatch):
     assert emb.shape == (10, 1280) and all(phash) and len(sha) == 10
 
 
+def test_embedding_rows_hold_the_final_and_inner_stage_features(project, spec, ranked):
+    """A cached row: the final 1280 features, then Lite's stride-16 (112) and stride-32 (192) stages, each
+    part L2-normalised; `embeddings` is the first part itself (no copy), `features` the whole row."""
+    import numpy as np
+
+    import toolkit.stages.clean.embeddings as embeddings
+
+    raw, rankings, _ = ranked
+    out = embeddings.embed(raw.files, arch=spec.arch, size=128, cache_dir=spec.cleaned_dir / ".cache")
+    assert out.features.shape == (len(raw.files), 1280 + 112 + 192)
+    assert np.shares_memory(out.embeddings, out.features)
+    for part in (out.features[:, :1280], out.features[:, 1280:1392], out.features[:, 1392:]):
+        assert np.allclose(np.linalg.norm(part, axis=1), 1, atol=1e-4)
+    assert not np.allclose(out.features[0, 1280:1392], out.features[1, 1280:1392])
+    assert np.array_equal(rankings.embeddings, out.embeddings)
+
+
 def test_clean_size_setting_is_shared_by_the_cli_and_the_app(tmp_path, clothing_small, monkeypatch):
     """`clean_size` in settings.ini: `toolkit clean --report` embeds at it, and the app's rank (no size
     given) then reads the same cache instead of computing the images again at another size."""
@@ -145,7 +162,7 @@ def test_clean_size_setting_is_shared_by_the_cli_and_the_app(tmp_path, clothing_
     done = run_cli("clean", "c", "--report", "--json", "--quiet", cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     cache = tmp_path / "cleaned_data" / "c" / ".cache"
-    assert [p.name for p in cache.glob("embeddings-*.f32")] == ["embeddings-efficientnet_lite0-48.f32"]
+    assert [p.name for p in cache.glob("embeddings-*.f32")] == ["embeddings-ms-efficientnet_lite0-48.f32"]
     spec = load_settings(tmp_path / "settings.ini").get("c")
     assert spec.clean_size == 48
     monkeypatch.setattr(embeddings, "_model", lambda arch: pytest.fail("the app computed the embeddings again"))

@@ -105,7 +105,7 @@ def test_the_cache_appends_new_images_and_ignores_a_torn_tail(tmp_path, clothing
     finally:
         embeddings._model = real_model
     assert computed == ["efficientnet_lite0"], "the model ran once, for the 4 new images"
-    assert Store(cache, "efficientnet_lite0", 64).data.stat().st_size == 12 * 1280 * 4
+    assert Store(cache, "efficientnet_lite0", 64).data.stat().st_size == 12 * (1280 + 112 + 192) * 4
     assert np.allclose(both.embeddings[:8], first.embeddings, atol=1e-5) and both.phash[:8] == first.phash
     again = embed(list(reversed(files)), size=64, cache_dir=cache)  # reordered: gathered, same rows
     assert np.allclose(np.asarray(again.embeddings)[::-1], both.embeddings, atol=1e-5)

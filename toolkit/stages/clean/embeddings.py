@@ -1,18 +1,24 @@
 """Pretrained-backbone embeddings, batched, cached on disk by file sha256 + backbone + size.
 
 Inputs are prepared exactly like training: `load_squished` (squish to size x size) and the
-backbone's mean/std. Features are the body's output, global-average pooled, L2-normalised.
+backbone's mean/std. A row is the body's output, global-average pooled and L2-normalised, followed by
+the same for each of the backbone's `embedding_taps` (inner stages; Lite: the stride-16 and the first
+stride-32 stage). `Embedded.embeddings` is the first part (unit rows: similarity, neighbours, the map,
+duplicates); `Embedded.features` is the whole row, the input of the label-issue heads, where the inner
+stages add +0.036 / +0.027 precision@k at 20% / 40% asymmetric noise on held-out seeds at no extra
+forward cost (BENCHMARKS.md "clean: multi-stage embedding").
 
 The cache (one per backbone and size, under `cache_dir`) is two append-only files, so memory stays
 bounded as the data set grows and a later visit computes only the new images:
 
-- `embeddings-ARCH-SIZE.f32`: raw float32 rows, `dim` values each, opened with `np.memmap`;
-- `embeddings-ARCH-SIZE.index`: a header line `# dim=D`, then one line per row, in row order:
+- `embeddings-ms-ARCH-SIZE.f32`: raw float32 rows, `dim` values each, opened with `np.memmap`;
+- `embeddings-ms-ARCH-SIZE.index`: a header line `# dim=D`, then one line per row, in row order:
   `sha256 TAB phash TAB quality stats` (see `QUALITY_STATS`; computed from the same decoded thumbnail).
 
 Rows are appended in chunks (data first, fsync, then the index lines, fsync) under an flock, so a
 crash leaves at most a tail the next reader ignores (rows = complete index lines backed by data).
-The old `embeddings-ARCH-SIZE.npz` cache is not read (it held every row in one dict).
+Older caches are not read: `embeddings-ARCH-SIZE.npz` (every row in one dict) and
+`embeddings-ARCH-SIZE.f32` (the final features only, before the inner stages joined them).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ QUALITY_STATS = ("brightness", "blur", "entropy", "colourfulness", "width", "hei
 
 def cache_path(cache_dir: Path, arch: str, size: int) -> Path:
     """The float32 rows file of one backbone and size (its index is the same name with `.index`)."""
-    return Path(cache_dir) / f"embeddings-{arch}-{size}.f32"
+    return Path(cache_dir) / f"embeddings-ms-{arch}-{size}.f32"
 
 
 def image_stats(array: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -158,6 +164,36 @@ def _model(arch: str):
     return body, mean, std
 
 
+def _embedder(arch: str) -> Callable:
+    """(N, 3, H, W) pixels 0..1 -> (N, D) float32 rows: the pooled final features, then each tap's, every
+    part L2-normalised (see the module docstring)."""
+    import torch
+
+    from toolkit.core.backbones import get_backbone
+
+    body, mean, std = _model(arch)
+    taps: dict[str, torch.Tensor] = {}
+    for name in get_backbone(arch).embedding_taps:
+        body.get_submodule(name).register_forward_hook(
+            lambda _module, _inputs, output, name=name: taps.__setitem__(name, output))
+
+    def features(x: torch.Tensor) -> np.ndarray:
+        taps.clear()
+        final = body((x - mean) / std)
+        parts = [final] + [taps[name] for name in get_backbone(arch).embedding_taps]
+        pooled = [torch.nn.functional.normalize(part.mean(dim=(2, 3)), dim=1) for part in parts]
+        return torch.cat(pooled, dim=1).numpy()
+
+    return features
+
+
+def head_dim(arch: str) -> int:
+    """How many leading columns of a cached row are the final features (`Embedded.embeddings`)."""
+    from toolkit.core.backbones import get_backbone
+
+    return get_backbone(arch).n_features
+
+
 def _decode(path: Path, size: int) -> tuple[np.ndarray | None, str, np.ndarray | None]:
     from PIL import Image
 
@@ -172,12 +208,14 @@ def _decode(path: Path, size: int) -> tuple[np.ndarray | None, str, np.ndarray |
 
 @dataclass
 class Embedded:
-    """compute_embeddings' result with the per-image quality stats (row i = files[i]; NaN where undecodable)."""
+    """compute_embeddings' result with the per-image quality stats (row i = files[i]; NaN where undecodable).
+    `embeddings`: the final features (unit rows); `features`: the whole rows, final then inner stages."""
 
     embeddings: np.ndarray
     phash: list[str]
     sha256: list[str]
     stats: np.ndarray
+    features: np.ndarray | None = None
 
 
 def embed(files: Sequence[Path], *, arch: str = "efficientnet_lite0", size: int = DEFAULT_SIZE,
@@ -198,7 +236,8 @@ def embed(files: Sequence[Path], *, arch: str = "efficientnet_lite0", size: int 
         with tempfile.TemporaryDirectory(prefix="toolkit-emb-") as tmp:
             out = embed(files, arch=arch, size=size, cache_dir=Path(tmp), bs=bs, hashes=hashes, progress=progress,
                         processes=processes)
-            return Embedded(np.array(out.embeddings), out.phash, out.sha256, out.stats)
+            full = np.array(out.features)
+            return Embedded(full[:, : out.embeddings.shape[1]], out.phash, out.sha256, out.stats, full)
     store = Store(cache_dir, arch, size)
     first: dict[str, int] = {}
     for i, h in enumerate(hashes):
@@ -224,14 +263,15 @@ def embed(files: Sequence[Path], *, arch: str = "efficientnet_lite0", size: int 
     for i, r in enumerate(rows):
         if r >= 0:
             stats[i] = np.array(store.stats[r].split(","), np.float32)
-    return Embedded(emb, [store.phash[r] if r >= 0 else "" for r in rows], hashes, stats)
+    final = emb[:, : min(head_dim(arch), dim)]  # a view: no copy
+    return Embedded(final, [store.phash[r] if r >= 0 else "" for r in rows], hashes, stats, emb)
 
 
 def _compute(files: list[Path], hashes: list[str], todo: list[int], store: Store, arch: str, size: int, bs: int,
              progress: Callable[[int, int], None] | None) -> None:
     import torch
 
-    body, mean, std = _model(arch)
+    features = _embedder(arch)
     threads = torch.get_num_threads()
     pending: tuple[list[str], list[np.ndarray], list[str], list[np.ndarray]] = ([], [], [], [])
 
@@ -249,8 +289,7 @@ def _compute(files: list[Path], hashes: list[str], todo: list[int], store: Store
                 ok = [k for k, d in enumerate(decoded) if d[0] is not None]
                 if ok:
                     x = torch.from_numpy(np.stack([decoded[k][0] for k in ok])).permute(0, 3, 1, 2).float() / 255
-                    feats = body((x - mean) / std).mean(dim=(2, 3))
-                    feats = torch.nn.functional.normalize(feats, dim=1).numpy()
+                    feats = features(x)
                     for j, k in enumerate(ok):
                         pending[0].append(hashes[chunk[k]])
                         pending[1].append(feats[j])
@@ -323,7 +362,8 @@ def compute_embeddings(
     hashes: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[str], list[str]]:
-    """(N, features) L2-normalised float32 embeddings (possibly memory-mapped, read-only), perceptual hashes
-    and sha256 per file. Files that cannot be decoded get a zero vector and an empty perceptual hash."""
+    """(N, features) L2-normalised float32 embeddings (the final features; possibly memory-mapped, read-only),
+    perceptual hashes and sha256 per file. Files that cannot be decoded get a zero vector and an empty
+    perceptual hash."""
     out = embed(files, arch=arch, size=size, cache_dir=cache_dir, bs=bs, hashes=hashes, progress=progress)
     return out.embeddings, out.phash, out.sha256
