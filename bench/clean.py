@@ -5,10 +5,12 @@ flip into one or two fixed neighbour classes (the class's nearest class centroid
 the number, 1 or 2, and which images flip are seeded); repeated for `--seeds` seeds (hold-out).
 
 Scores (each ranks all images, most suspicious first), all in the same run on the same labels:
-- cleaned_margin (the toolkit's default): normalized margin on `rank.cleaned_out_of_fold_probs`
-  (5-fold heads, C=3, refit without the 20% most suspicious) over `Embedded.features` (the final and
-  inner-stage pooled features); cleaned_margin_final_only: the same on the final features alone (the
-  default before the inner stages joined, the baseline of that change);
+- noise_aware (the toolkit's default): P(given label right) under cleanlab's estimated joint, on
+  `rank.cleaned_out_of_fold_probs` (5-fold heads, C=3, two refits each without the estimated noisy share)
+  over `Embedded.features` (the final and inner-stage pooled features); noise_aware_margin: normalized
+  margin on the same probabilities (the rounds without the new score);
+- cleaned_margin (the default before, the baseline of that change): normalized margin after one refit
+  without the 20% lowest by margin;
 - self_confidence, normalized_margin (the previous default, the named baseline): cleanlab's
   label-quality scores on one round of 5-fold out-of-fold logistic-regression probabilities (C=1)
   over pretrained embeddings;
@@ -109,16 +111,34 @@ def toolkit_scores(emb: np.ndarray, feats: np.ndarray, noisy: np.ndarray, n_clas
         out[f"combined_{w}"] = 1 - get_label_quality_scores(noisy, mixed_probs(probs, kp, w), method="self_confidence")
     out["rank_mean"] = 0.5 * percentile(out["self_confidence"]) + 0.5 * percentile(dis)
     with threadpool_limits(1):
-        final_only = cleaned_out_of_fold_probs(emb, noisy, n_classes, folds=5, seed=seed)
-    out["cleaned_margin_final_only"] = 1 - label_scores(noisy, final_only)["normalized_margin"]
+        previous = previous_cleaned_probs(feats, noisy, n_classes, seed)
+    out["cleaned_margin"] = 1 - label_scores(noisy, previous)["normalized_margin"]
     start = time.perf_counter()
     with threadpool_limits(1):
         cleaned = cleaned_out_of_fold_probs(feats, noisy, n_classes, folds=5, seed=seed)
-    out["cleaned_margin"] = 1 - label_scores(noisy, cleaned)["normalized_margin"]
+        default = label_scores(noisy, cleaned)
     out["_seconds_default"] = time.perf_counter() - start
+    out["noise_aware"] = 1 - default["noise_aware"]
+    out["noise_aware_margin"] = 1 - default["normalized_margin"]  # the new rounds, the old score
     out["_probs"] = probs
     out["_cleaned_probs"] = cleaned
     return out
+
+
+def previous_cleaned_probs(feats: np.ndarray, noisy: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """The default before the noise-aware rounds (the named baseline): 5-fold heads (C = 3) on every label,
+    then one refit without the 20% lowest by normalized margin (at most half of a class)."""
+    from cleanlab.rank import get_label_quality_scores
+
+    probs = out_of_fold_probs(feats, noisy, n_classes, folds=5, seed=seed, C=3.0)
+    quality = get_label_quality_scores(noisy, probs, method="normalized_margin")
+    budget = {c: int(0.5 * n) for c, n in enumerate(np.bincount(noisy, minlength=n_classes))}
+    exclude = np.zeros(len(noisy), dtype=bool)
+    for i in np.argsort(quality, kind="stable")[: int(0.2 * len(noisy))]:
+        if budget[int(noisy[i])] > 0:
+            exclude[i] = True
+            budget[int(noisy[i])] -= 1
+    return out_of_fold_probs(feats, noisy, n_classes, folds=5, seed=seed, C=3.0, exclude=exclude)
 
 
 def fastai_losses(files, noisy_names, classes, size: int, seed: int) -> np.ndarray:

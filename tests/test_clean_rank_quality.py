@@ -62,13 +62,13 @@ def test_confused_classes_both_ways_get_a_merge_hint():
 
 
 def test_cleaned_out_of_fold_probs_find_more_asymmetric_flips_and_keep_tiny_classes(clothing_small):
-    """Iterative cleaning (round 2 refits without the most suspicious) on real photos with one class
-    flipped into its neighbour: more flipped images rank in the top k than with one round, and the
-    guards for tiny classes still hold."""
+    """Iterative cleaning (later rounds refit without the most suspicious) scored by the noise-aware
+    posterior, on real photos with one class flipped into its neighbour: more flipped images rank in the
+    top k than with one round of heads and normalized margin, and the guards for tiny classes still hold."""
     from cleanlab.rank import get_label_quality_scores
 
     from toolkit.stages.clean.embeddings import embed
-    from toolkit.stages.clean.rank import cleaned_out_of_fold_probs, out_of_fold_probs
+    from toolkit.stages.clean.rank import cleaned_out_of_fold_probs, noise_aware_quality, out_of_fold_probs
 
     classes = ["hat", "shoes", "pants"]
     files = [f for c in classes for f in sorted((clothing_small / "train" / c).glob("*.jpg"))[:30]]
@@ -79,14 +79,43 @@ def test_cleaned_out_of_fold_probs_find_more_asymmetric_flips_and_keep_tiny_clas
     noisy = y.copy()
     noisy[flipped] = 1
 
-    def hits(probs: np.ndarray) -> int:
-        quality = get_label_quality_scores(noisy, probs, method="normalized_margin")
-        return int(np.isin(np.argsort(quality)[: len(flipped)], flipped).sum())
+    def hits(quality: np.ndarray) -> int:
+        return int(np.isin(np.argsort(quality, kind="stable")[: len(flipped)], flipped).sum())
 
-    one, two = out_of_fold_probs(x, noisy, 3), cleaned_out_of_fold_probs(x, noisy, 3)
-    assert two.shape == (90, 3) and np.allclose(two.sum(1), 1)
-    assert hits(two) > hits(one) and hits(two) >= 4, (hits(one), hits(two))
+    one, cleaned = out_of_fold_probs(x, noisy, 3), cleaned_out_of_fold_probs(x, noisy, 3)
+    assert cleaned.shape == (90, 3) and np.allclose(cleaned.sum(1), 1)
+    before = hits(get_label_quality_scores(noisy, one, method="normalized_margin"))
+    quality, rate = noise_aware_quality(noisy, cleaned)
+    assert hits(quality) > before and hits(quality) >= 5, (before, hits(quality))
+    assert 0.0 < rate < 0.5 and ((quality >= 0) & (quality <= 1)).all()
     warnings: list[str] = []
     tiny = np.array([0] * 10 + [1] * 10 + [2] * 2 + [3])
     probs = cleaned_out_of_fold_probs(x[:23], tiny, 4, warnings=warnings, class_names=list("abcd"))
     assert probs.shape == (23, 4) and np.allclose(probs.sum(1), 1) and len(warnings) == 1
+
+
+def test_noise_aware_quality_suspects_the_classes_that_flip_into_a_label():
+    """Class b receives flips from a (rows given b, truly a), never from c. Two images labelled b that
+    the heads find equally ambiguous, one between b and a and one between b and c: the first is the
+    suspect under the noise-aware posterior, while normalized margin cannot tell them apart."""
+    from cleanlab.rank import get_label_quality_scores
+
+    from toolkit.stages.clean.rank import noise_aware_quality
+
+    probs, y = [], []
+    for cls in range(3):  # 100 clean, confident images per class
+        row = np.full(3, 0.05)
+        row[cls] = 0.9
+        probs += [row] * 100
+        y += [cls] * 100
+    probs += [np.array([0.9, 0.05, 0.05])] * 30  # 30 images of a labelled b
+    y += [1] * 30
+    probs += [np.array([0.45, 0.5, 0.05]), np.array([0.05, 0.5, 0.45])]  # the two ambiguous ones
+    y += [1, 1]
+    probs, y = np.array(probs), np.array(y)
+    quality, rate = noise_aware_quality(y, probs)
+    assert quality[-2] < quality[-1] - 0.1, quality[-2:]
+    margin = get_label_quality_scores(y, probs, method="normalized_margin")
+    assert abs(margin[-2] - margin[-1]) < 1e-9
+    assert 0.05 < rate < 0.2  # 30 of 332 labels are wrong
+    assert quality[300:330].max() < 0.5 < quality[:300].min()
