@@ -41,13 +41,16 @@ def features(arch: str, files: list[Path], size: int, cache: Path | None, tag: s
     if path is not None and path.is_file():
         saved = np.load(path)
         return saved["plain"], saved["flip"], 0.0
-    from toolkit.core.backbones import get_backbone
+    import torch
+
+    from toolkit.core.backbones import ConcatPool, FlattenBatch, get_backbone
     from toolkit.learn import image_features
 
     backbone = get_backbone(arch)
     body = backbone.create_body(pretrained=True)
     started = time.time()
-    plain, flip = image_features(body, files, size, backbone.mean, backbone.std)
+    pool = torch.nn.Sequential(ConcatPool(), FlattenBatch())  # the final features alone (head_features = final)
+    plain, flip = image_features(body, pool, files, size, backbone.mean, backbone.std)
     seconds = time.time() - started
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,8 +89,9 @@ def test_cli_reports_settings_errors_in_one_line(tmp_path):
     ("[x]\ndropout = 1\n", "settings [x] dropout = '1': must be a dropout probability"),
     ("[x]\ntime_budget = -1\n", "settings [x] time_budget = '-1': must be minutes"),
     ("[x]\ntime_budget = soon\n", "settings [x] time_budget = 'soon'"),
+    ("[x]\nhead_features = all\n", "settings [x] head_features = 'all': use one of: 'multi_stage', 'final'"),
 ])
-def test_wd_dropout_and_time_budget_are_checked(tmp_path, text, expected):
+def test_wd_dropout_time_budget_and_head_features_are_checked(tmp_path, text, expected):
     with pytest.raises(SettingsError) as info:
         load_settings(write(tmp_path, text))
     assert expected in str(info.value) and "\n" not in str(info.value)
@@ -105,6 +106,10 @@ def test_wd_and_dropout_are_sweepable_member_keys(tmp_path):
     assert (spec.get("y").wd, spec.get("y").dropout) == (0.01, 0.5)  # fastai's own defaults
     assert parse_grid("wd=0,1e-2 dropout=0.1")["wd"] == [("0", 0.0), ("1e-2", 0.01)]
     assert parse_ensemble("wd=0.1 dropout=0.25 | size=100") == [{"wd": 0.1, "dropout": 0.25}, {"size": 100}]
+    assert spec.get("y").head_features == "multi_stage"
+    assert parse_grid("head_features=final,multi_stage")["head_features"] == [("final", "final"),
+                                                                              ("multi_stage", "multi_stage")]
+    assert parse_ensemble("head_features=final | size=100") == [{"head_features": "final"}, {"size": 100}]
 
 
 @pytest.mark.parametrize("epochs", [1, 0])

@@ -44,6 +44,29 @@ def test_no_frozen_phase_trains_unfrozen_straight_away(tiny_project, tmp_path):
     assert not (tmp_path / "model" / "best.pth").exists()
 
 
+def test_head_reads_inner_stages_by_default_and_final_features_on_request(trained_project, tiny_project, tmp_path,
+                                                                          held_out):
+    """The default head (head_features = multi_stage) reads the body's final features and its inner stages;
+    model.json names the taps and the fastai-free predictor rebuilds that network. head_features = final
+    gives the earlier layout (no taps), which still trains, exports and serves."""
+    from toolkit.core.backbones import MultiPool, TapBody, get_backbone
+    from toolkit.stages.train import train
+
+    default = Predictor(trained_project / "models" / "tiny", device="cpu")
+    assert default.meta["taps"] == list(get_backbone("efficientnet_lite0").embedding_taps) == ["2.4", "2.5"]
+    assert isinstance(default.model[0], TapBody) and isinstance(default.model[1][0], MultiPool)
+    assert default.model[1][2].num_features == 2 * 1280 + 112 + 192
+    spec = load_settings(tiny_project / "settings.ini").get("tiny").with_overrides(
+        head_features="final", size=64, epochs=0, freeze_epochs=2)
+    metrics = train(spec, progress=False, log=lambda line: None, out=tmp_path / "final")
+    final = Predictor(tmp_path / "final", device="cpu")
+    assert final.meta["taps"] == [] and not isinstance(final.model[0], TapBody)
+    assert final.model[1][2].num_features == 2 * 1280
+    files, _ = list_labelled_images(held_out)
+    probs = final.predict_files(files[:6])
+    assert metrics["accuracy"] > 1 / 3 and probs.shape == (6, 3) and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
 def test_fine_tuned_model_beats_chance_on_unseen_photos(trained_project, held_out):
     result = run_cli("evaluate", "tiny", "--data", held_out, "--json", "--quiet", cwd=trained_project)
     assert result.returncode == 0, result.stderr

@@ -141,25 +141,28 @@ def bf16_autocast(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def pooled_features(body, dl, *, flip: bool = False, progress: bool = False, label: str = ""):
-    """The frozen body's feature map of every batch of `dl`, concat-pooled (max, then average) as the
-    fastai head's first layers pool it, and the targets: (N, 2 * n_features), (N,). Runs in
-    channels-last memory, in bfloat16 where the hardware has it (features for a head to learn on)."""
+def pooled_features(body, pool, dl, *, flip: bool = False, progress: bool = False, label: str = ""):
+    """The frozen body's output for every batch of `dl`, pooled by `pool` (the head's own pooling and
+    flatten, `head[:2]`: fastai's concat pooling, or `MultiPool` over the final map and the taps), and the
+    targets: (N, pooled features), (N,). Runs in channels-last memory, in bfloat16 where the hardware has it
+    (features for a head to learn on)."""
     feats, targets = [], []
     body.eval().to(memory_format=torch.channels_last)
     device = next(body.parameters()).device
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(device)):
         for xb, yb in progress_iter(dl, len(dl), label, progress):
             x = torch.as_tensor(xb.flip(3) if flip else xb).to(device).contiguous(memory_format=torch.channels_last)
-            fmap = body(x).float()
-            feats.append(torch.cat([fmap.amax(dim=(2, 3)), fmap.mean(dim=(2, 3))], 1).cpu())
+            maps = body(x)
+            maps = tuple(m.float() for m in maps) if isinstance(maps, tuple) else maps.float()
+            feats.append(pool(maps).float().cpu())
             targets.append(torch.as_tensor(yb).cpu())
     return torch.cat(feats), torch.cat(targets)
 
 
-def image_features(body, files: Sequence[Path], size: int, mean: Sequence[float], std: Sequence[float], *,
+def image_features(body, pool, files: Sequence[Path], size: int, mean: Sequence[float], std: Sequence[float], *,
                    bs: int = 64, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled body features of image files, plain and mirrored, (N, 2 * n_features) each: the files
+    """Pooled body features of image files, plain and mirrored, (N, pooled features) each (`pool`: the
+    head's `head[:2]`, as in `pooled_features`): the files
     squished and normalised as the predictor does (`load_squished` + `to_batch`), decoded a batch at
     a time so memory stays bounded."""
     from toolkit.core.images import load_squished, to_batch
@@ -170,8 +173,8 @@ def image_features(body, files: Sequence[Path], size: int, mean: Sequence[float]
             yield to_batch([load_squished(f, size) for f in chunk], mean, std), torch.zeros(len(chunk))
 
     n_batches = (len(files) + bs - 1) // bs
-    plain, _ = pooled_features(body, _Sized(batches, n_batches), progress=progress, label="body features")
-    flip, _ = pooled_features(body, _Sized(batches, n_batches), flip=True, progress=progress,
+    plain, _ = pooled_features(body, pool, _Sized(batches, n_batches), progress=progress, label="body features")
+    flip, _ = pooled_features(body, pool, _Sized(batches, n_batches), flip=True, progress=progress,
                               label="body features (mirrored)")
     return plain.numpy(), flip.numpy()
 
@@ -224,7 +227,7 @@ def feature_learner(learn, out: Path, *, progress: bool = True):
     train_plain = learn.dls.train.new(shuffle=False, drop_last=False, after_batch=learn.dls.valid.after_batch)
 
     def features(dl, flip: bool, label: str):  # in several processes: each its slice, gathered
-        x, y = pooled_features(body, distributed.shard(dl), flip=flip, progress=progress, label=label)
+        x, y = pooled_features(body, head[:2], distributed.shard(dl), flip=flip, progress=progress, label=label)
         n = len(dl.dataset)
         return distributed.gather_rows(x, n), distributed.gather_rows(y, n)
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from toolkit.core.artifacts import load_weights, read_meta
-from toolkit.core.backbones import inference_model
+from toolkit.core.backbones import inference_model, model_taps
 from toolkit.core.images import ImageSource, load_squished, open_image, squish, to_batch
 from toolkit.core.progress import progress_iter
 
@@ -86,7 +86,7 @@ class ImagePredictor:
 
     def build_model(self) -> torch.nn.Module:
         """The untrained network model.json describes (other task kinds build other networks)."""
-        return inference_model(self.meta["arch"], len(self.classes))
+        return inference_model(self.meta["arch"], len(self.classes), model_taps(self.meta))
 
     def _optimized(self) -> torch.nn.Module | None:
         """A frozen, channels-last TorchScript copy for CPU serving (batch norm folded into the

@@ -43,8 +43,9 @@ class Backbone:
     build: Callable[[bool], nn.Module]
     weights_path: Callable[[], Path | None]
     source: str
-    # the body's inner stages whose pooled outputs join the cleaning embedding after the final features
-    # (`toolkit.stages.clean.embeddings`): dotted submodule names, earliest first
+    # the body's inner stages whose pooled outputs join the final features: in the cleaning embedding
+    # (`toolkit.stages.clean.embeddings`) and in the multi-stage head (`head_features`, `TapBody`):
+    # dotted submodule names of at most two levels, earliest first
     embedding_taps: tuple[str, ...] = ()
 
     def create_body(self, pretrained: bool = True) -> nn.Module:
@@ -180,21 +181,78 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[name]
 
 
-def create_model(arch: str, n_out: int, pretrained: bool = True) -> nn.Sequential:
-    """body + fastai's head (concat pooling, two linear layers): `model[0]` body, `model[1]` head."""
+def head_taps(arch: str, head_features: str) -> tuple[str, ...]:
+    """The inner stages a model's head reads besides the final features, by the `head_features` key
+    (`multi_stage`: the registry's `embedding_taps`; `final`: none)."""
+    return get_backbone(arch).embedding_taps if head_features == "multi_stage" else ()
+
+
+class TapBody(nn.Sequential):
+    """A registry body that also returns its inner stages `taps`: (final map, tap maps...). The same
+    children as `body`, so the same state_dict keys; one forward pass (the taps come free)."""
+
+    def __init__(self, body: nn.Module, taps: tuple[str, ...]):
+        super().__init__(*body.children())
+        self.taps = tuple(taps)
+        self._inner = {int(t.split(".")[0]): {int(u.split(".")[1]) for u in taps if u.split(".")[0] == t.split(".")[0]}
+                       for t in taps if "." in t}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        found: dict[str, torch.Tensor] = {}
+        for i, child in enumerate(self):
+            if i in self._inner:  # a stage whose sub-stages are tapped: run them one by one
+                for j, sub in enumerate(child):
+                    x = sub(x)
+                    if j in self._inner[i]:
+                        found[f"{i}.{j}"] = x
+            else:
+                x = child(x)
+            found[str(i)] = x
+        return (x, *(found[t] for t in self.taps))
+
+
+class MultiPool(nn.Module):
+    """The head's pooling of `TapBody`'s maps: the final map concat-pooled as fastai's head pools it (max,
+    then average), then each tap average-pooled: (N, 2 * n_features + tap channels). No parameters."""
+
+    def forward(self, maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        final = maps[0]
+        parts = [torch.nn.functional.adaptive_max_pool2d(final, 1).flatten(1),
+                 torch.nn.functional.adaptive_avg_pool2d(final, 1).flatten(1)]
+        return torch.cat(parts + [tap.mean(dim=(2, 3)) for tap in maps[1:]], 1)
+
+
+def tap_channels(body: nn.Module, taps: tuple[str, ...]) -> int:
+    """How many channels the taps add (each tap's last batch norm's width)."""
+    return sum([m for m in body.get_submodule(t).modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+               for t in taps)
+
+
+def multi_stage_model(body: nn.Module, n_features: int, n_out: int, taps: tuple[str, ...]) -> nn.Sequential:
+    """body + head as `create_model` lays them out, the head reading the final features and the taps."""
+    head = nn.Sequential(MultiPool(), FlattenBatch(), *linear_head(2 * n_features + tap_channels(body, taps), n_out))
+    return nn.Sequential(TapBody(body, taps), head)
+
+
+def create_model(arch: str, n_out: int, pretrained: bool = True, taps: tuple[str, ...] = ()) -> nn.Sequential:
+    """body + fastai's head (concat pooling, two linear layers): `model[0]` body, `model[1]` head. With
+    `taps` (`head_taps`), the body is a `TapBody` and the head pools the final map and the taps."""
+    backbone = get_backbone(arch)
+    if taps:
+        return multi_stage_model(backbone.create_body(pretrained), backbone.n_features, n_out, tuple(taps))
     from fastai.vision.learner import add_head
 
-    backbone = get_backbone(arch)
     return add_head(backbone.create_body(pretrained), backbone.n_features, n_out)
 
 
 def has_fastai_head(model: nn.Module) -> bool:
     """Whether `model` is `create_model`'s shape: body, then a head that starts with fastai's
-    concat pooling and flatten (so the head's remaining layers take pooled body features)."""
+    concat pooling (or `MultiPool`) and flatten (so the head's remaining layers take pooled body features)."""
     from fastai.layers import AdaptiveConcatPool2d, Flatten
 
     return (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential)
-            and isinstance(model[1][0], AdaptiveConcatPool2d) and isinstance(model[1][1], Flatten))
+            and isinstance(model[1][0], AdaptiveConcatPool2d | MultiPool)
+            and isinstance(model[1][1], Flatten | FlattenBatch))
 
 
 def set_head_dropout(model: nn.Module, ps: float) -> None:
@@ -241,14 +299,21 @@ class FlattenBatch(torch.nn.Module):
         return x.view(x.size(0), -1)
 
 
-def inference_model(arch: str, n_out: int) -> torch.nn.Sequential:
-    """The same network as `backbones.create_model(arch, n_out, pretrained=False)`, with the same
+def inference_model(arch: str, n_out: int, taps: tuple[str, ...] = ()) -> torch.nn.Sequential:
+    """The same network as `backbones.create_model(arch, n_out, pretrained=False, taps)`, with the same
     state_dict keys, built without importing fastai (which costs a serving kernel seconds and
     hundreds of MB): body + fastai's default head (concat pool, flatten, BN, dropout, linear 512,
     ReLU, BN, dropout, linear), as laid out by fastai 2.8's `create_head`."""
-    nf = get_backbone(arch).n_features * 2
+    n_features = get_backbone(arch).n_features
+    if taps:
+        return multi_stage_model(inference_body(arch), n_features, n_out, tuple(taps))
     return torch.nn.Sequential(inference_body(arch), torch.nn.Sequential(ConcatPool(), FlattenBatch(),
-                                                                         *linear_head(nf, n_out)))
+                                                                         *linear_head(2 * n_features, n_out)))
+
+
+def model_taps(meta: dict) -> tuple[str, ...]:
+    """The taps model.json names (`taps`; none for models made before the multi-stage head)."""
+    return tuple(meta.get("taps") or ())
 
 
 def inference_body(arch: str) -> torch.nn.Module:

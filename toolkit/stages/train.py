@@ -45,7 +45,7 @@ def retrain_head(spec: ClassifierSpec, data: Path | None = None, *, progress: bo
     from fastai.torch_core import set_seed
 
     from toolkit.core import artifacts
-    from toolkit.core.backbones import create_model, has_fastai_head
+    from toolkit.core.backbones import create_model, has_fastai_head, model_taps
     from toolkit.core.errors import ToolkitError
     from toolkit.core.images import sha256_file
     from toolkit.feature_cache import FeatureCache, body_digest
@@ -58,7 +58,8 @@ def retrain_head(spec: ClassifierSpec, data: Path | None = None, *, progress: bo
     old_meta = artifacts.read_meta(folder)
     old_metrics = artifacts.read_json(folder / artifacts.METRICS_FILE)
     arch, size, mean, std = old_meta["arch"], old_meta["size"], old_meta["mean"], old_meta["std"]
-    old = artifacts.load_weights(create_model(arch, len(old_meta["classes"]), pretrained=False), folder)
+    taps = model_taps(old_meta)
+    old = artifacts.load_weights(create_model(arch, len(old_meta["classes"]), pretrained=False, taps=taps), folder)
     if not has_fastai_head(old):
         raise ToolkitError(f"{folder}: the model has no body + fastai head to retrain; run `toolkit train {spec.name}`")
     dataset = task.load_data(spec, data, progress=progress)
@@ -69,18 +70,19 @@ def retrain_head(spec: ClassifierSpec, data: Path | None = None, *, progress: bo
     if classes == old_meta["classes"]:  # the trained head goes on learning from the cleaned data
         model, start = old, "the trained head"
     else:  # classes added or removed: a fresh head on the trained body
-        model, start = create_model(arch, len(classes), pretrained=False), "a fresh head (the classes changed)"
+        model = create_model(arch, len(classes), pretrained=False, taps=taps)
+        start = "a fresh head (the classes changed)"
         model[0].load_state_dict(old[0].state_dict())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     body = model[0].to(device)
     cache = FeatureCache(folder / FEATURES_DIR, {"arch": arch, "size": size, "mean": list(mean), "std": list(std),
-                                                 "resize": "squish", "body": body_digest(body)})
+                                                 "resize": "squish", "body": body_digest(body), "taps": list(taps)})
     shas = [sha256_file(f) for f in dataset.files]
     missing = cache.missing(shas)
     first_file = dict(zip(reversed(shas), reversed(dataset.files)))
     if missing:
-        plain, flip = image_features(body, [first_file[s] for s in missing], size, mean, std, bs=max(spec.bs, 32),
-                                     progress=progress)
+        plain, flip = image_features(body, model[1][:2], [first_file[s] for s in missing], size, mean, std,
+                                     bs=max(spec.bs, 32), progress=progress)
         cache.add(missing, plain, flip)
     log(f"body features: {len(missing)} computed, {len(set(shas)) - len(missing)} reused from {cache.folder}; "
         f"training {start}")

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from toolkit.core import artifacts
-from toolkit.core.backbones import create_model, get_backbone
+from toolkit.core.backbones import create_model, get_backbone, head_taps
 from toolkit.core.config import ClassifierSpec, Key
 from toolkit.core.errors import SettingsError, ToolkitError
 from toolkit.core.images import load_squished, to_batch, verify_images
@@ -126,7 +126,8 @@ class Task:
         set_seed(spec.seed)
         dls = make_dataloaders(dataset, spec.size, spec.bs, backbone.mean, backbone.std, seed=spec.seed,
                                progress=progress)
-        model = create_model(spec.arch, len(dataset.classes), pretrained=spec.pretrained)
+        taps = head_taps(spec.arch, spec.head_features)
+        model = create_model(spec.arch, len(dataset.classes), pretrained=spec.pretrained, taps=taps)
         learn = make_learner(dls, model, out, pretrained=spec.pretrained, progress=progress,
                              keep_bn_stats=spec.body_bn == "frozen")
         fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks, started=started)
@@ -138,8 +139,8 @@ class Task:
         metrics = self.metrics(probs, valid_labels, dataset.classes, valid_files, spec.group)
         fingerprint = data_fingerprint(dataset)
         meta = {"name": spec.name, "title": spec.display_title, "description": spec.description,
-                "arch": spec.arch, "pretrained": spec.pretrained, "classes": dataset.classes, "size": spec.size,
-                "mean": list(backbone.mean), "std": list(backbone.std), "group": spec.group,
+                "arch": spec.arch, "taps": list(taps), "pretrained": spec.pretrained, "classes": dataset.classes,
+                "size": spec.size, "mean": list(backbone.mean), "std": list(backbone.std), "group": spec.group,
                 "data": {"dir": str(dataset.root), "fingerprint": fingerprint,
                          "n_train": dataset.n_train, "n_valid": dataset.n_valid},
                 **self.model_meta(spec, dataset)}
@@ -262,4 +263,6 @@ class Task:
         picked = balanced(train, lambda item: item[1], n, spec.seed)
         inputs = (to_batch([load_squished(f, spec.size) for f, _ in picked], backbone.mean, backbone.std),)
         targets = torch.tensor([dataset.classes.index(y) for _, y in picked])
-        return [(create_model(spec.arch, len(dataset.classes), spec.pretrained), inputs, targets, spec.name)]
+        taps = head_taps(spec.arch, spec.head_features)
+        model = create_model(spec.arch, len(dataset.classes), spec.pretrained, taps=taps)
+        return [(model, inputs, targets, spec.name)]

@@ -169,18 +169,13 @@ def _embedder(arch: str) -> Callable:
     part L2-normalised (see the module docstring)."""
     import torch
 
-    from toolkit.core.backbones import get_backbone
+    from toolkit.core.backbones import TapBody, get_backbone
 
     body, mean, std = _model(arch)
-    taps: dict[str, torch.Tensor] = {}
-    for name in get_backbone(arch).embedding_taps:
-        body.get_submodule(name).register_forward_hook(
-            lambda _module, _inputs, output, name=name: taps.__setitem__(name, output))
+    body = TapBody(body, get_backbone(arch).embedding_taps)  # (final map, tap maps...), as the multi-stage head
 
     def features(x: torch.Tensor) -> np.ndarray:
-        taps.clear()
-        final = body((x - mean) / std)
-        parts = [final] + [taps[name] for name in get_backbone(arch).embedding_taps]
+        parts = body((x - mean) / std)
         pooled = [torch.nn.functional.normalize(part.mean(dim=(2, 3)), dim=1) for part in parts]
         return torch.cat(pooled, dim=1).numpy()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from toolkit.core.backbones import get_backbone
+from toolkit.core.backbones import get_backbone, head_taps
 from toolkit.core.config import ClassifierSpec, Key, choice, compile_regex, parse_fraction, parse_positive_int
 from toolkit.core.images import to_batch
 from toolkit.data import balanced
@@ -114,7 +114,8 @@ class PairsTask(Task):
             else:
                 inputs = tuple(to_batch([arrays[getattr(p, side)] for p in pairs], backbone.mean, backbone.std)
                                for side in ("a", "b"))
-            out.append((create_pair_model(one, spec.arch, spec.pretrained), inputs, targets, f"{spec.name} ({one})"))
+            model = create_pair_model(one, spec.arch, spec.pretrained, head_taps(spec.arch, spec.head_features))
+            out.append((model, inputs, targets, f"{spec.name} ({one})"))
         return out
 
 

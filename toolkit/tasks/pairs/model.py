@@ -14,7 +14,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from toolkit.core.backbones import ConcatPool, FlattenBatch, body_head_split, create_model, get_backbone, linear_head
+from toolkit.core.backbones import (
+    ConcatPool,
+    FlattenBatch,
+    MultiPool,
+    TapBody,
+    body_head_split,
+    create_model,
+    get_backbone,
+    linear_head,
+    tap_channels,
+)
 from toolkit.data import DecodedCache, batch_transforms
 from toolkit.tasks.pairs.data import LABELS, Pair
 
@@ -79,13 +89,15 @@ def pair_dataloaders(pairs: Sequence[Pair], is_valid: Sequence[bool], approach: 
 
 class SiameseModel(nn.Module):
     """One shared encoder (body + concat pooling) for both photos; the head sees f1 + f2, |f1 - f2|
-    and f1 * f2, so the prediction does not depend on which photo comes first."""
+    and f1 * f2, so the prediction does not depend on which photo comes first. With `taps` the encoder
+    also pools the body's inner stages (`backbones.TapBody`, `MultiPool`), as the one-image models do."""
 
-    def __init__(self, body: nn.Module, n_features: int, n_out: int = 2):
+    def __init__(self, body: nn.Module, n_features: int, n_out: int = 2, taps: tuple[str, ...] = ()):
         super().__init__()
-        self.body = body
-        self.pool = nn.Sequential(ConcatPool(), FlattenBatch())
-        self.head = nn.Sequential(*linear_head(3 * 2 * n_features, n_out))
+        n_pooled = 2 * n_features + (tap_channels(body, taps) if taps else 0)
+        self.body = TapBody(body, taps) if taps else body
+        self.pool = nn.Sequential(MultiPool() if taps else ConcatPool(), FlattenBatch())
+        self.head = nn.Sequential(*linear_head(3 * n_pooled, n_out))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         features = self.pool(self.body(torch.cat([a, b])))  # one pass through the body for both
@@ -99,12 +111,13 @@ def siamese_split(model: SiameseModel) -> list[list[nn.Parameter]]:
     return body_head_split(nn.Sequential(model.body, model.head))
 
 
-def create_pair_model(approach: str, arch: str, pretrained: bool = True) -> nn.Module:
-    """A trainable model of either approach from the registry's (pretrained) body."""
+def create_pair_model(approach: str, arch: str, pretrained: bool = True, taps: tuple[str, ...] = ()) -> nn.Module:
+    """A trainable model of either approach from the registry's (pretrained) body; `taps` as in
+    `backbones.create_model`."""
 
     if approach == "stacked":
-        return create_model(arch, len(LABELS), pretrained=pretrained)
+        return create_model(arch, len(LABELS), pretrained=pretrained, taps=taps)
     backbone = get_backbone(arch)
-    return SiameseModel(backbone.create_body(pretrained), backbone.n_features, len(LABELS))
+    return SiameseModel(backbone.create_body(pretrained), backbone.n_features, len(LABELS), taps=taps)
 
 

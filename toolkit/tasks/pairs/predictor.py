@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from toolkit.core.artifacts import META_FILE
-from toolkit.core.backbones import get_backbone, inference_body, inference_model
+from toolkit.core.backbones import get_backbone, inference_body, inference_model, model_taps
 from toolkit.core.config import ClassifierSpec
 from toolkit.core.errors import ToolkitError
 from toolkit.core.images import ImageSource, open_image, squish
@@ -55,10 +55,10 @@ class PairPredictor(ImagePredictor):
 
         self.approach = self.meta.get("approach", "")
         if self.approach == "stacked":
-            return inference_model(self.meta["arch"], len(self.classes))
+            return inference_model(self.meta["arch"], len(self.classes), model_taps(self.meta))
         if self.approach == "siamese":
             return SiameseModel(inference_body(self.meta["arch"]), get_backbone(self.meta["arch"]).n_features,
-                                len(self.classes))
+                                len(self.classes), taps=model_taps(self.meta))
         raise ToolkitError(f"{self.folder / META_FILE}: unknown pairs approach {self.approach!r}; retrain")
 
     def _optimized(self) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from toolkit.core import artifacts
 from toolkit.core.artifacts import META_FILE, WEIGHTS_FILE
-from toolkit.core.backbones import body_head_split, get_backbone
+from toolkit.core.backbones import body_head_split, get_backbone, head_taps
 from toolkit.core.config import ClassifierSpec
 from toolkit.core.metrics import plot_confusion, plot_losses, plot_top_losses
 from toolkit.learn import fit_learner, make_learner
@@ -48,13 +48,15 @@ def train_approach(spec: ClassifierSpec, approach: str, pair_data: PairData, out
     arrays = arrays if arrays is not None else decode_pairs(pairs, spec.size, progress=progress)
     dls = pair_dataloaders(pairs, is_valid, approach, spec.size, spec.bs, backbone.mean, backbone.std,
                            arrays=arrays, seed=spec.seed, progress=progress)
-    model = create_pair_model(approach, spec.arch, spec.pretrained)
+    taps = head_taps(spec.arch, spec.head_features)
+    model = create_pair_model(approach, spec.arch, spec.pretrained, taps)
     splitter = siamese_split if approach == "siamese" else body_head_split
     learn = make_learner(dls, model, out, splitter=splitter, pretrained=spec.pretrained, progress=progress)
     log(f"{approach}: training on {len(pair_data.train)} pairs, validating on {len(pair_data.valid)}")
     fitted = fit_learner(learn, spec, out, log, progress=progress, callbacks=callbacks, started=started)
     meta = {"task": "pairs", "approach": approach, "name": spec.name, "title": spec.display_title,
-            "description": spec.description, "arch": spec.arch, "pretrained": spec.pretrained, "classes": LABELS,
+            "description": spec.description, "arch": spec.arch, "taps": list(taps), "pretrained": spec.pretrained,
+            "classes": LABELS,
             "size": spec.size, "mean": list(backbone.mean), "std": list(backbone.std),
             "pair_rule": spec.pair_rule, "symmetric": approach == "stacked",
             "data": {"dir": str(pair_data.root), **pair_data.summary()}}
