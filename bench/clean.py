@@ -49,6 +49,7 @@ from toolkit.stages.clean.neighbours import knn_disagreement, knn_graph, knn_lab
 from toolkit.stages.clean.rank import (  # noqa: E402
     cleaned_out_of_fold_probs,
     label_scores,
+    leave_out_mask,
     mixed_probs,
     out_of_fold_probs,
 )
@@ -132,12 +133,7 @@ def previous_cleaned_probs(feats: np.ndarray, noisy: np.ndarray, n_classes: int,
 
     probs = out_of_fold_probs(feats, noisy, n_classes, folds=5, seed=seed, C=3.0)
     quality = get_label_quality_scores(noisy, probs, method="normalized_margin")
-    budget = {c: int(0.5 * n) for c, n in enumerate(np.bincount(noisy, minlength=n_classes))}
-    exclude = np.zeros(len(noisy), dtype=bool)
-    for i in np.argsort(quality, kind="stable")[: int(0.2 * len(noisy))]:
-        if budget[int(noisy[i])] > 0:
-            exclude[i] = True
-            budget[int(noisy[i])] -= 1
+    exclude = leave_out_mask(noisy, np.argsort(quality, kind="stable"), int(0.2 * len(noisy)))
     return out_of_fold_probs(feats, noisy, n_classes, folds=5, seed=seed, C=3.0, exclude=exclude)
 
 

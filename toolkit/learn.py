@@ -154,7 +154,7 @@ def pooled_features(body, pool, dl, *, flip: bool = False, progress: bool = Fals
             x = torch.as_tensor(xb.flip(3) if flip else xb).to(device).contiguous(memory_format=torch.channels_last)
             maps = body(x)
             maps = tuple(m.float() for m in maps) if isinstance(maps, tuple) else maps.float()
-            feats.append(pool(maps).float().cpu())
+            feats.append(pool(maps).cpu())
             targets.append(torch.as_tensor(yb).cpu())
     return torch.cat(feats), torch.cat(targets)
 

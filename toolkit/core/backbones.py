@@ -194,8 +194,11 @@ class TapBody(nn.Sequential):
     def __init__(self, body: nn.Module, taps: tuple[str, ...]):
         super().__init__(*body.children())
         self.taps = tuple(taps)
-        self._inner = {int(t.split(".")[0]): {int(u.split(".")[1]) for u in taps if u.split(".")[0] == t.split(".")[0]}
-                       for t in taps if "." in t}
+        self._inner: dict[int, set[int]] = {}  # stage -> its tapped sub-stages
+        for tap in self.taps:
+            if "." in tap:
+                stage, sub = map(int, tap.split("."))
+                self._inner.setdefault(stage, set()).add(sub)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         found: dict[str, torch.Tensor] = {}

@@ -232,6 +232,18 @@ def noise_aware_quality(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, f
         return np.asarray(probs[rows, y], dtype=np.float64), float(np.mean(probs.argmax(axis=1) != y))
 
 
+def leave_out_mask(labels: np.ndarray, most_suspicious: np.ndarray, n: int) -> np.ndarray:
+    """The images a cleaning round's heads do not learn from: the first `n` of `most_suspicious` (indices, most
+    suspicious first), never more than MAX_DROP_PER_CLASS of one class's images."""
+    budget = (MAX_DROP_PER_CLASS * np.bincount(labels)).astype(int)
+    exclude = np.zeros(len(labels), dtype=bool)
+    for i in most_suspicious[:n]:
+        if budget[labels[i]] > 0:
+            exclude[i] = True
+            budget[labels[i]] -= 1
+    return exclude
+
+
 def cleaned_out_of_fold_probs(emb: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5, seed: int = 0,
                               *, C: float = HEAD_C, rounds: int = CLEANING_ROUNDS,
                               warnings: list[str] | None = None,
@@ -250,16 +262,11 @@ def cleaned_out_of_fold_probs(emb: np.ndarray, labels: np.ndarray, n_classes: in
         return probs
     remap = np.full(n_classes, -1)
     remap[ok] = np.arange(len(ok))
-    counts = np.bincount(labels, minlength=n_classes)
     for _ in range(rounds - 1):
         sub = probs[inside][:, ok]
         quality, rate = noise_aware_quality(remap[labels[inside]], sub / sub.sum(axis=1, keepdims=True))
-        budget = {int(c): int(MAX_DROP_PER_CLASS * n) for c, n in enumerate(counts)}
-        exclude = np.zeros(len(labels), dtype=bool)
-        for i in inside[np.argsort(quality, kind="stable")][: int(np.clip(rate, MIN_DROP, MAX_DROP) * len(inside))]:
-            if budget[int(labels[i])] > 0:
-                exclude[i] = True
-                budget[int(labels[i])] -= 1
+        exclude = leave_out_mask(labels, inside[np.argsort(quality, kind="stable")],
+                                 int(np.clip(rate, MIN_DROP, MAX_DROP) * len(inside)))
         probs = out_of_fold_probs(emb, labels, n_classes, folds=folds, seed=seed, C=C, exclude=exclude)
     return probs
 
