@@ -119,3 +119,9 @@ def test_noise_aware_quality_suspects_the_classes_that_flip_into_a_label():
     assert abs(margin[-2] - margin[-1]) < 1e-9
     assert 0.05 < rate < 0.2  # 30 of 332 labels are wrong
     assert quality[300:330].max() < 0.5 < quality[:300].min()
+    # a pair with no flips seen is unlikely, not impossible: the b/c-ambiguous image still ranks below every
+    # confident image, on a set with no wrong labels at all too (where every posterior could collapse to 1)
+    assert quality[-1] < quality[:300].min()
+    clean = np.r_[0:300, 330:332]
+    quality, _ = noise_aware_quality(y[clean], probs[clean])
+    assert quality[-1] < quality[:300].min() and quality[-2] < quality[:300].min()

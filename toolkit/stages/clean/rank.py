@@ -204,6 +204,7 @@ HEAD_C = 3.0  # the heads' inverse regularisation in `cleaned_out_of_fold_probs`
 CLEANING_ROUNDS = 3  # head fits in `cleaned_out_of_fold_probs`: one on every label, then two refits
 MIN_DROP, MAX_DROP = 0.05, 0.5  # the share the refits leave out: the estimated noise rate, kept in this range
 MAX_DROP_PER_CLASS = 0.5  # never more than this share of one class's images
+PAIR_PRIOR = 1.0  # images: `noise_aware_quality`'s pseudo-count for every (given, true) class pair
 
 
 def noise_aware_quality(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, float]:
@@ -224,7 +225,10 @@ def noise_aware_quality(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, f
         from cleanlab.count import estimate_joint
 
         joint = np.asarray(estimate_joint(y, probs), dtype=np.float64)  # rows: given, columns: true
-        given_if_true = joint / np.maximum(joint.sum(axis=0, keepdims=True), 1e-12)
+        # a pseudo-count per class pair (Laplace): a pair the joint saw no flips in is unlikely, not impossible,
+        # else on a small or clean set every posterior would be 1 and the ranking gone
+        counts = joint * len(y) + PAIR_PRIOR
+        given_if_true = counts / counts.sum(axis=0, keepdims=True)
         posterior = given_if_true[y] * probs
         posterior /= np.maximum(posterior.sum(axis=1, keepdims=True), 1e-12)
         return posterior[rows, y], float(1.0 - np.trace(joint))
