@@ -112,10 +112,10 @@ def test_wd_and_dropout_are_sweepable_member_keys(tmp_path):
     assert parse_ensemble("head_features=final | size=100") == [{"head_features": "final"}, {"size": 100}]
 
 
-@pytest.mark.parametrize("epochs", [1, 0])
-def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small, epochs):
-    """A real fastai fit (cached frozen head, then unfrozen) runs with the settings' wd and dropout;
-    epochs = 0 is the quick mode: the head on cached features only."""
+@pytest.mark.parametrize("epochs,top_epochs", [(1, 1), (0, 0)])
+def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small, epochs, top_epochs):
+    """A real fastai fit (cached frozen head, the top phase, then unfrozen) runs with the settings' wd and
+    dropout in every phase; epochs = 0 and top_epochs = 0 is the quick mode: the head on cached features only."""
     from conftest import TINY_CLASSES, copy_subset
     from fastai.callback.core import Callback
     from torch import nn
@@ -127,8 +127,8 @@ def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small, epochs):
 
     copy_subset(clothing_small / "train", tmp_path / "data", TINY_CLASSES, 6)
     (tmp_path / "settings.ini").write_text(f"[x]\ndata = data\nsize = 32\nbs = 8\nepochs = {epochs}\n"
-                                           "freeze_epochs = 1\nlr = 1e-3\nlr_find_iters = 2\nwd = 0.123\n"
-                                           "dropout = 0.3\n")
+                                           f"top_epochs = {top_epochs}\nfreeze_epochs = 1\nlr = 1e-3\n"
+                                           "lr_find_iters = 2\nwd = 0.123\ndropout = 0.3\n")
     spec = load_settings(tmp_path / "settings.ini").get("x")
     dataset = get_task(spec.task).load_data(spec, progress=False)
     backbone = get_backbone(spec.arch)
@@ -142,18 +142,19 @@ def test_wd_and_dropout_reach_the_learner(tmp_path, clothing_small, epochs):
             seen.append(({h["wd"] for h in self.learn.opt.hypers}, ps))
 
     fitted = fit_learner(learn, spec, tmp_path, log=lambda line: None, progress=False, callbacks=[Record()])
-    assert seen == [({0.123}, [0.15, 0.3])] * (1 + epochs)  # the cached head's fit, then the unfrozen one
-    assert len(fitted["values"]) == 1 + epochs
+    # the cached head's fit, the top phase's, then the unfrozen one
+    assert seen == [({0.123}, [0.15, 0.3])] * (1 + (top_epochs > 0) + (epochs > 0))
+    assert len(fitted["values"]) == 1 + top_epochs + epochs and fitted["top_epochs_run"] == top_epochs
     assert learn.model(dls.one_batch()[0]).shape == (8, len(TINY_CLASSES))
     if not epochs:
         with pytest.raises(ToolkitError, match="nothing would train"):
             fit_learner(learn, spec.with_overrides(freeze_epochs=0), tmp_path, log=lambda line: None, progress=False)
 
 
-def test_time_budget_runs_only_the_unfrozen_epochs_that_fit(tmp_path, clothing_small):
-    """A real fastai fit with epochs = 2: a budget already spent leaves both unfrozen epochs out
-    (the cached head is the model, and the log says why); time_budget = 0 and a roomy budget run
-    both. Timing a training step (3 tries) leaves the weights and batch-norm statistics as they were."""
+def test_time_budget_runs_only_the_epochs_that_fit(tmp_path, clothing_small):
+    """A real fastai fit with top_epochs = 1 and epochs = 2: a budget already spent leaves the top and both
+    unfrozen epochs out (the cached head is the model, and the log says why); time_budget = 0 and a roomy budget
+    run them all. Timing a training step (3 tries) leaves the weights and batch-norm statistics as they were."""
     import time
 
     import torch
@@ -166,7 +167,7 @@ def test_time_budget_runs_only_the_unfrozen_epochs_that_fit(tmp_path, clothing_s
 
     copy_subset(clothing_small / "train", tmp_path / "data", TINY_CLASSES, 6)
     (tmp_path / "settings.ini").write_text("[x]\ndata = data\nsize = 32\nbs = 8\nepochs = 2\nfreeze_epochs = 1\n"
-                                           "lr = 1e-3\nlr_find_iters = 2\nbody_bn = adapt\n")
+                                           "top_epochs = 1\nlr = 1e-3\nlr_find_iters = 2\nbody_bn = adapt\n")
     spec = load_settings(tmp_path / "settings.ini").get("x")
     assert spec.time_budget == 15.0
     dataset = get_task(spec.task).load_data(spec, progress=False)
@@ -187,11 +188,12 @@ def test_time_budget_runs_only_the_unfrozen_epochs_that_fit(tmp_path, clothing_s
 
     lines = []
     spent = fit_learner(learner(), spec, tmp_path, log=lines.append, progress=False, started=time.time() - 15 * 60)
-    assert spent["epochs_run"] == 0 and len(spent["values"]) == 1  # the cached head's epoch alone
+    assert spent["epochs_run"] == spent["top_epochs_run"] == 0 and len(spent["values"]) == 1  # the head alone
+    assert any("time_budget 15 min: 0 of 1 top epoch(s) fit" in line for line in lines)
     assert any("time_budget 15 min: 0 of 2 unfrozen epoch(s) fit" in line for line in lines)
     for budget in (0, 600):
         lines.clear()
         fitted = fit_learner(learner(), spec.with_overrides(time_budget=budget), tmp_path, log=lines.append,
                              progress=False, started=time.time() - 15 * 60)
-        assert fitted["epochs_run"] == 2 and len(fitted["values"]) == 3
+        assert fitted["epochs_run"] == 2 and fitted["top_epochs_run"] == 1 and len(fitted["values"]) == 4
         assert not any("time_budget" in line for line in lines)

@@ -31,8 +31,9 @@ def test_training_writes_every_artifact(trained_project):
     assert metrics["n_train"] + metrics["n_valid"] == 120 and metrics["lr"] > 0
     assert metrics["train_images_per_second"] > 0 and "valley" in metrics["lr_find"]
     assert not (out / "best.pth").exists()
-    # 2 frozen epochs (the head on cached body features) + 1 unfrozen, all in the history
-    assert len(metrics["history"]) == 3 and metrics["accuracy"] >= max(v[2] for v in metrics["history"]) - 1e-4
+    # 2 frozen epochs (the head on cached body features) + 5 top-phase (the default top_epochs) + 1 unfrozen
+    assert metrics["top_epochs_run"] == metrics["top_epochs"] == 5
+    assert len(metrics["history"]) == 8 and metrics["accuracy"] >= max(v[2] for v in metrics["history"]) - 1e-4
 
 
 def test_no_frozen_phase_trains_unfrozen_straight_away(tiny_project, tmp_path):
@@ -42,6 +43,32 @@ def test_no_frozen_phase_trains_unfrozen_straight_away(tiny_project, tmp_path):
     metrics = train(spec, progress=False, log=lambda line: None, out=tmp_path / "model")
     assert len(metrics["history"]) == 1 and (tmp_path / "model" / "model.json").is_file()
     assert not (tmp_path / "model" / "best.pth").exists()
+
+
+def test_top_phase_trains_the_top_stages_on_cached_stem_maps(tiny_project, tmp_path):
+    """top_epochs: after the cached head, the body's top stages (the registry's top_start) and the head train on
+    the stem's cached maps; the stem keeps its ImageNet weights, the epochs are in the history, the model kept is
+    the best epoch across the phases, and the memory-mapped maps are removed after the fit."""
+    import torch
+
+    from toolkit.core.backbones import create_model, split_body
+    from toolkit.stages.train import train
+
+    spec = load_settings(tiny_project / "settings.ini").get("tiny").with_overrides(
+        size=64, epochs=0, freeze_epochs=1, top_epochs=2, lr=1e-2)
+    lines = []
+    metrics = train(spec, progress=False, log=lines.append, out=tmp_path / "top")
+    assert metrics["top_epochs_run"] == 2 and len(metrics["history"]) == 1 + 2
+    assert any(line.startswith("top phase: 2 epoch(s)") for line in lines)
+    assert metrics["accuracy"] == pytest.approx(max(v[2] for v in metrics["history"]), abs=1e-4)
+    assert not list((tmp_path / "top").glob("stem-maps-*")) and not (tmp_path / "top" / "best_top.pth").exists()
+    trained = Predictor(tmp_path / "top", device="cpu").model[0]
+    pretrained = create_model("efficientnet_lite0", 3, taps=("2.4", "2.5"))[0]
+    (stem, top), (stem0, top0) = split_body(trained, "2.5"), split_body(pretrained, "2.5")
+    assert all(torch.equal(a, b) for a, b in zip(stem.state_dict().values(), stem0.state_dict().values()))
+    moved = [not torch.equal(a, b) for a, b in zip(top.state_dict().values(), top0.state_dict().values())]
+    best_is_top = metrics["accuracy"] > metrics["history"][0][2] + 1e-6
+    assert any(moved) == best_is_top  # the top stages moved only if a top epoch was the best kept
 
 
 def test_head_reads_inner_stages_by_default_and_final_features_on_request(trained_project, tiny_project, tmp_path,

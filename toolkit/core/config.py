@@ -299,10 +299,13 @@ GENERIC_KEYS: dict[str, Key] = {
     "arch": Key(parse_arch, "efficientnet_lite0", "the backbone (see `toolkit backbones`)", trains=True),
     "pretrained": Key(parse_bool, "yes", "start from ImageNet weights", trains=True),
     "size": Key(parse_positive_int, "288", "image size in pixels (square) for training", trains=True),
-    "epochs": Key(parse_non_negative_int, "2", "unfrozen epochs of fine_tune (0: quick mode, the head alone on "
-                  "cached body features, the fastest honest model)", trains=True),
+    "epochs": Key(parse_non_negative_int, "2", "unfrozen epochs of fine_tune (0 with top_epochs = 0: quick mode, "
+                  "the head alone on cached body features, the fastest honest model)", trains=True),
     "freeze_epochs": Key(parse_non_negative_int, "8",
                          "frozen-phase epochs: the head alone, on cached body features (cheap)", trains=True),
+    "top_epochs": Key(parse_non_negative_int, "5", "top-phase epochs, after the frozen phase: the body's last "
+                      "stages (the registry's top_start) and the head train on cached maps of the stages before "
+                      "(about a fifth of an unfrozen epoch each); 0 with epochs = 0: quick mode", trains=True),
     "time_budget": Key(parse_minutes, "15", "minutes `toolkit train` may take: after the frozen phase it times a "
                        "training step and runs only the unfrozen epochs that fit (0: no limit, all `epochs`)",
                        trains=True),
@@ -368,6 +371,7 @@ class ClassifierSpec:
     size: int = _default("size")
     epochs: int = _default("epochs")
     freeze_epochs: int = _default("freeze_epochs")
+    top_epochs: int = _default("top_epochs")
     time_budget: float = _default("time_budget")
     bs: int = _default("bs")
     lr: float | None = _default("lr")

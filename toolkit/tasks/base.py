@@ -150,10 +150,11 @@ class Task:
         plot_losses(fitted["history"], out / "losses.png")
         plot_top_losses([load_squished(f, spec.size) for f in valid_files], valid_labels, probs,
                         dataset.classes, out / "top_losses.png")
-        epochs_run = fitted["epochs_run"] + spec.freeze_epochs
+        epochs_run = fitted["epochs_run"] + fitted["top_epochs_run"] + spec.freeze_epochs
         metrics.update({
             "name": spec.name, "task": self.name, "arch": spec.arch, "size": spec.size, "epochs": spec.epochs,
             "epochs_run": fitted["epochs_run"], "time_budget": spec.time_budget, "freeze_epochs": spec.freeze_epochs,
+            "top_epochs": spec.top_epochs, "top_epochs_run": fitted["top_epochs_run"],
             "bs": spec.bs, "lr": fitted["lr"], "lr_mult": spec.lr_mult,
             "lr_find": fitted["lr_find"], "n_train": dataset.n_train, "n_valid": dataset.n_valid,
             "bad_files": len(dataset.bad), "warnings": dataset.warnings, "data": str(dataset.root),

@@ -99,7 +99,9 @@ def model_card_html(spec: ClassifierSpec, meta: dict[str, Any], task: Task | Non
         rows.append(("training data", f"{data.get('n_train', '?')} train / {data.get('n_valid', '?')} valid images"))
     if "epochs_run" in metrics:  # the unfrozen epochs time_budget let run, of those asked for
         planned, ran = metrics.get("epochs", metrics["epochs_run"]), metrics["epochs_run"]
-        rows.append(("training", f"{metrics.get('freeze_epochs', '?')} frozen (cached features) + {ran} unfrozen "
+        top = (f" + {metrics['top_epochs_run']} top-stage (cached maps)"
+               if metrics.get("top_epochs_run") else "")
+        rows.append(("training", f"{metrics.get('freeze_epochs', '?')} frozen (cached features){top} + {ran} unfrozen "
                      f"epoch(s)" + (f" of {planned} (time_budget {metrics.get('time_budget', '?')} min)"
                                     if ran != planned else "")))
     if "accuracy" in metrics:

@@ -67,7 +67,8 @@ def train_approach(spec: ClassifierSpec, approach: str, pair_data: PairData, out
     values = learn.recorder.values
     metrics.update({
         "name": spec.name, "approach": approach, "arch": spec.arch, "size": spec.size, "epochs": spec.epochs,
-        "epochs_run": fitted["epochs_run"], "freeze_epochs": spec.freeze_epochs, "bs": spec.bs, "lr": fitted["lr"],
+        "epochs_run": fitted["epochs_run"], "freeze_epochs": spec.freeze_epochs,
+        "top_epochs_run": fitted["top_epochs_run"], "bs": spec.bs, "lr": fitted["lr"],
         "lr_mult": spec.lr_mult,
         "lr_find": fitted["lr_find"], "n_train": len(pair_data.train), "n_valid": len(pair_data.valid),
         "learner_accuracy": round(float(max(v[2] for v in values)), 4) if values else None,
