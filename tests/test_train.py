@@ -49,6 +49,9 @@ def test_top_phase_trains_the_top_stages_on_cached_stem_maps(tiny_project, tmp_p
     """top_epochs: after the cached head, the body's top stages (the registry's top_start) and the head train on
     the stem's cached maps; the stem keeps its ImageNet weights, the epochs are in the history, the model kept is
     the best epoch across the phases, and the memory-mapped maps are removed after the fit."""
+    import os
+    import subprocess
+
     import torch
 
     from toolkit.core.backbones import create_model, split_body
@@ -56,12 +59,17 @@ def test_top_phase_trains_the_top_stages_on_cached_stem_maps(tiny_project, tmp_p
 
     spec = load_settings(tiny_project / "settings.ini").get("tiny").with_overrides(
         size=64, epochs=0, freeze_epochs=1, top_epochs=2, lr=1e-2)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a finished process: the maps a killed run of it left are removed, a live run's are not
+    (tmp_path / "top" / f"stem-maps-{gone.pid}-x").mkdir(parents=True)
+    (tmp_path / "top" / f"stem-maps-{os.getppid()}-x").mkdir()
     lines = []
     metrics = train(spec, progress=False, log=lines.append, out=tmp_path / "top")
     assert metrics["top_epochs_run"] == 2 and len(metrics["history"]) == 1 + 2
     assert any(line.startswith("top phase: 2 epoch(s)") for line in lines)
     assert metrics["accuracy"] == pytest.approx(max(v[2] for v in metrics["history"]), abs=1e-4)
-    assert not list((tmp_path / "top").glob("stem-maps-*")) and not (tmp_path / "top" / "best_top.pth").exists()
+    assert [p.name for p in (tmp_path / "top").glob("stem-maps-*")] == [f"stem-maps-{os.getppid()}-x"]
+    assert not (tmp_path / "top" / "best_top.pth").exists()
     trained = Predictor(tmp_path / "top", device="cpu").model[0]
     pretrained = create_model("efficientnet_lite0", 3, taps=("2.4", "2.5"))[0]
     (stem, top), (stem0, top0) = split_body(trained, "2.5"), split_body(pretrained, "2.5")
