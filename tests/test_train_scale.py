@@ -81,9 +81,12 @@ def test_two_processes_train_as_well_as_one_and_rank_zero_alone_writes(project_c
     assert printed["world_size"] == 2 and metrics["world_size"] == 2
     assert metrics["bs_per_process"] == 16 and metrics["global_bs"] == 32
     assert abs(metrics["accuracy"] - one["accuracy"]) <= 0.125, (metrics["accuracy"], one["accuracy"])  # 3 of 24
-    history = (folder / "history.csv").read_text().splitlines()
-    ones = (trained_project / "models" / "tiny" / "history.csv").read_text().splitlines()
-    assert len(history) == len(ones)  # the CSV log written once (rank 0), not once per process
+    history = [row for row in (folder / "history.csv").read_text().splitlines() if not row.startswith("epoch")]
+    ones = [row for row in (trained_project / "models" / "tiny" / "history.csv").read_text().splitlines()
+            if not row.startswith("epoch")]
+    # the CSV log written once (rank 0), not once per process; the top phase runs in one process only
+    assert metrics["top_epochs_run"] == 0 and "skipped under --processes" in result.stderr
+    assert len(history) == len(ones) - one["top_epochs_run"] == metrics["freeze_epochs"] + metrics["epochs_run"]
     assert sorted(p.name for p in folder.glob(".*.tmp")) == [] and not (folder / "best.pth").exists()
     assert ImagePredictor(folder).classes == TINY_CLASSES
 
