@@ -203,23 +203,32 @@ class _Sized:
         return self.n
 
 
-def head_learner(head, x_train, y_train, x_valid, y_valid, bs: int, out: Path, loss_func, *, progress: bool = True):
-    """A fastai Learner that trains the head's layers after pooling (`head[2:]`) on pooled features."""
-    import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, lr_find)
+def dataset_learner(train_ds, valid_ds, model, bs: int, valid_bs: int, device, out: Path, loss_func, *,
+                    progress: bool = True, **kwargs):
+    """A fastai Learner (accuracy, out/ as its folder) over two torch Datasets: the training one shuffled in
+    batches of `bs` (the last partial batch dropped), the validation one in batches of `valid_bs`. The
+    cached-feature, head-only and top-phase learners are all this."""
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
     from fastai.metrics import accuracy
-    from torch.utils.data import TensorDataset
 
-    train_ds = TensorDataset(torch.as_tensor(x_train), torch.as_tensor(y_train))
     dls = DataLoaders(DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs),
-                      DataLoader(TensorDataset(torch.as_tensor(x_valid), torch.as_tensor(y_valid)), bs=bs * 4),
-                      device=torch.device("cpu"))
-    learn = Learner(dls, head[2:], loss_func=loss_func, metrics=accuracy, path=out, model_dir=".")
+                      DataLoader(valid_ds, bs=valid_bs), device=device)
+    learn = Learner(dls, model, loss_func=loss_func, metrics=accuracy, path=out, model_dir=".", **kwargs)
     if not progress:
         learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
     return learn
+
+
+def head_learner(head, x_train, y_train, x_valid, y_valid, bs: int, out: Path, loss_func, *, progress: bool = True):
+    """A fastai Learner that trains the head's layers after pooling (`head[2:]`) on pooled features."""
+    import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, lr_find)
+    from torch.utils.data import TensorDataset
+
+    return dataset_learner(TensorDataset(torch.as_tensor(x_train), torch.as_tensor(y_train)),
+                           TensorDataset(torch.as_tensor(x_valid), torch.as_tensor(y_valid)), head[2:], bs, bs * 4,
+                           torch.device("cpu"), out, loss_func, progress=progress)
 
 
 class StemMaps:
@@ -233,7 +242,7 @@ class StemMaps:
         if self.array is None:
             self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float16,
                                                    shape=(self.n, *maps.shape[1:]))
-        self.array[self.rows:self.rows + len(maps)] = maps.float().cpu().numpy()
+        self.array[self.rows:self.rows + len(maps)] = maps.to(torch.float16).cpu().numpy()
         self.rows += len(maps)
 
 
@@ -260,10 +269,6 @@ def feature_learner(learn, out: Path, *, progress: bool = True, top_start: str =
     With `top_start` (the registry's) and `maps_dir`, the body runs as stem + top (`split_body`) and the
     stem's maps are kept in `maps_dir` for the top phase (`top_learner`): returned as the learner's
     `stem_maps` (train, mirrored, valid, the targets, the top), else None. One process only."""
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
-    from fastai.learner import Learner
-    from fastai.metrics import accuracy
     from torch.utils.data import TensorDataset
 
     from toolkit import distributed
@@ -285,14 +290,10 @@ def feature_learner(learn, out: Path, *, progress: bool = True, top_start: str =
     x_train, y_train = features(train_plain, False, "body features (train)", "train")
     x_flip, _ = features(train_plain, True, "body features (mirrored)", "mirrored")
     x_valid, y_valid = features(learn.dls.valid, False, "body features (valid)", "valid")
-    train_ds = TensorDataset(torch.cat([x_train, x_flip]), torch.cat([y_train, y_train]))
     bs = learn.dls.train.bs
-    dls = DataLoaders(DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs),
-                      DataLoader(TensorDataset(x_valid, y_valid), bs=bs * 4), device=learn.dls.device)
-    features = Learner(dls, head[2:], loss_func=learn.loss_func, metrics=accuracy, path=out, model_dir=".",
-                       wd=learn.wd)
-    if not progress:
-        features.remove_cbs([cb for cb in features.cbs if type(cb).__name__ == "ProgressCallback"])
+    features = dataset_learner(TensorDataset(torch.cat([x_train, x_flip]), torch.cat([y_train, y_train])),
+                               TensorDataset(x_valid, y_valid), head[2:], bs, bs * 4, learn.dls.device, out,
+                               learn.loss_func, progress=progress, wd=learn.wd)
     features.stem_maps = None if split is None else {**kept, "y_train": y_train, "y_valid": y_valid, "top": split[1]}
     return features
 
@@ -302,26 +303,17 @@ def top_learner(learn, stem_maps: dict, out: Path, *, progress: bool = True):
     `learn.model`'s, trained on the stem maps `feature_learner` kept (each image or its mirror image at
     random); the stem stays fixed and never runs again. Batch norms as in `learn` (`PretrainedBatchNormStats`)."""
     from fastai.callback.channelslast import ChannelsLast
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
-    from fastai.learner import Learner
-    from fastai.metrics import accuracy
 
     from toolkit.callbacks import PretrainedBatchNormStats
 
-    train_ds = _StemMapData(stem_maps["train"], stem_maps["y_train"], stem_maps["mirrored"])
     bs = learn.dls.train.bs
-    dls = DataLoaders(DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs),
-                      DataLoader(_StemMapData(stem_maps["valid"], stem_maps["y_valid"]), bs=bs * 2),
-                      device=learn.dls.device)
-    model = nn.Sequential(stem_maps["top"], learn.model[1])
     keeper = next((cb for cb in learn.cbs if isinstance(cb, PretrainedBatchNormStats)), PretrainedBatchNormStats())
-    top = Learner(dls, model, loss_func=learn.loss_func, metrics=accuracy, path=out, model_dir=".", wd=learn.wd,
-                  splitter=lambda m: [list(m[0].parameters()), list(m[1].parameters())], train_bn=False,
-                  cbs=[PretrainedBatchNormStats(keeper.keep), ChannelsLast()])
-    if not progress:
-        top.remove_cbs([cb for cb in top.cbs if type(cb).__name__ == "ProgressCallback"])
-    return top
+    return dataset_learner(_StemMapData(stem_maps["train"], stem_maps["y_train"], stem_maps["mirrored"]),
+                           _StemMapData(stem_maps["valid"], stem_maps["y_valid"]),
+                           nn.Sequential(stem_maps["top"], learn.model[1]), bs, bs * 2, learn.dls.device, out,
+                           learn.loss_func, progress=progress, wd=learn.wd, train_bn=False,
+                           splitter=lambda m: [list(m[0].parameters()), list(m[1].parameters())],
+                           cbs=[PretrainedBatchNormStats(keeper.keep), ChannelsLast()])
 
 
 def training_step_seconds(learn, batches: int = 3) -> float:
@@ -469,7 +461,7 @@ def _fit(learn, spec: ClassifierSpec, out: Path, log: Callable[[str], None], pro
     frozen = learn
     if cached:
         frozen = feature_learner(learn, out, progress=progress, maps_dir=maps_dir,
-                                 top_start=get_backbone(spec.arch).top_start if spec.arch else "")
+                                 top_start=get_backbone(spec.arch).top_start)
     found = None
     if main:  # lr_find runs once, in rank 0 alone
         with distributed.single_process():
