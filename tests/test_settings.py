@@ -1,5 +1,6 @@
 """settings.ini -> typed specs; every error is one line naming the section and key."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,26 @@ def test_cli_reports_settings_errors_in_one_line(tmp_path):
     assert result.stderr.strip() == "error: settings [x] size = 'huge': invalid literal for int() with base 10: 'huge'"
     result = run_cli("train", "nope", "--settings", path.with_name("missing.ini"))
     assert result.returncode == 2 and "settings file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_options_are_checked_as_their_settings_keys_and_json_errors_are_one_document(tmp_path):
+    path = write(tmp_path, "[x]\n")
+    for args, expected in ((("--epochs", "-3"), "--epochs -3: must be 0 or more"),
+                           (("--bs", "0"), "--bs 0: must be a positive whole number"),
+                           (("--lr", "20"), "--lr 20.0: must be 'auto' or a learning rate"),
+                           (("--arch", "nope"), "--arch nope: unknown backbone 'nope'")):
+        result = run_cli("train", "x", *args, "--settings", path, "--json")
+        assert result.returncode == 2 and result.stderr.strip().startswith(f"error: {expected}"), result.stderr
+        assert "\n" not in result.stderr.strip() and "Traceback" not in result.stderr
+        document = json.loads(result.stdout)  # exactly one JSON document, also on failure
+        assert document["exit_code"] == 2 and document["error"].startswith(expected), result.stdout
+    usage = run_cli("train", "x", "--epochs", "many", "--settings", path, "--json")  # argparse's own error
+    assert usage.returncode == 2 and json.loads(usage.stdout) == {
+        "error": "toolkit train: argument --epochs: invalid int value: 'many'", "exit_code": 2}
+    plain = run_cli("train", "x", "--epochs", "-3", "--settings", path)
+    assert plain.returncode == 2 and plain.stdout == "" and plain.stderr.startswith("error: --epochs -3")
+    scrape = run_cli("scrape", "x", "--test-per-class", "5", "--settings", path, "--json")
+    assert scrape.returncode == 2 and "--test-split" in json.loads(scrape.stdout)["error"]
 
 
 @pytest.mark.parametrize("text, expected", [

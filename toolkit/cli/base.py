@@ -48,6 +48,24 @@ def command(name: str, *arguments: tuple[tuple[str, ...], dict[str, Any]]):
     return register
 
 
+def checked_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The settings keys given as options (`--freeze-epochs 2` for freeze_epochs), each parsed by its settings
+    key's own check: a bad value is a one-line error naming the option, as a bad settings.ini value names its key."""
+    from toolkit.core.config import GENERIC_KEYS
+    from toolkit.core.errors import ToolkitError
+
+    given = {}
+    for key in keys:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        try:
+            given[key] = GENERIC_KEYS[key].parse(str(value))
+        except ValueError as exc:
+            raise ToolkitError(f"--{key.replace('_', '-')} {value}: {exc}") from None
+    return given
+
+
 def spec_of(args: argparse.Namespace):
     """The ClassifierSpec of the command's NAME in its --settings."""
     from toolkit.settings import load_settings

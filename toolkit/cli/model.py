@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from toolkit.cli.base import DATA, EXIT_FAILED, EXIT_OK, NAME, arg, command, emit, log, spec_of
+from toolkit.cli.base import DATA, EXIT_FAILED, EXIT_OK, NAME, arg, checked_overrides, command, emit, log, spec_of
 from toolkit.core.errors import ToolkitError
 
 
@@ -23,8 +23,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from toolkit import distributed
     from toolkit.tasks import task_of
 
-    spec = spec_of(args).with_overrides(arch=args.arch, size=args.size, epochs=args.epochs, lr=args.lr,
-                                      bs=args.bs, freeze_epochs=args.freeze_epochs)
+    spec = spec_of(args).with_overrides(**checked_overrides(args, ("arch", "size", "epochs", "freeze_epochs", "lr",
+                                                                   "bs")))
     task = task_of(spec)
     if args.processes < 1:
         raise ToolkitError("train --processes needs 1 or more")

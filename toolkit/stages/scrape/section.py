@@ -19,9 +19,11 @@ def scrape_section(settings_path: Path, name: str, *, source: str | None = None,
     """Scrape [name]; returns the report, its JSON-able summary and the folder scraped into."""
     settings = load_settings(settings_path)
     spec = settings.get(name)
-    for flag, value in (("--workers", workers), ("--per-class", per_class)):
+    for flag, value in (("--workers", workers), ("--per-class", per_class), ("--test-per-class", test_per_class)):
         if value is not None and value <= 0:
             raise ToolkitError(f"{flag} {value}: must be a positive whole number")
+    if test_per_class is not None and not test_split:
+        raise ToolkitError("--test-per-class: give it with --test-split (the test images it counts)")
     wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if classes is not None and not wanted:
         raise ToolkitError("--classes: give comma-separated class names, e.g. --classes cats,dogs")
