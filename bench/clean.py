@@ -23,7 +23,8 @@ default `find_label_issues` (a set, not a ranking: its precision and recall).
 Figures: precision@k and recall@k at k = number flipped, AUPRC; seconds per 1,000 images cold
 (embeddings computed) and warm (from the cache) for the toolkit's ranking.
 
-Usage: python bench/clean.py [--data DIR] [--size 128] [--seeds 0,1] [--rates 0.2,0.4] [--skip-fastai] [--n N].
+Usage: python bench/clean.py [--data DIR] [--size 160 (the clean_size default)] [--seeds 0,1] [--rates 0.2,0.4]
+       [--skip-fastai] [--n N].
 Last line: RESULT {json}.
 """
 
@@ -44,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from toolkit.data import list_labelled_images  # noqa: E402
-from toolkit.stages.clean.embeddings import embed  # noqa: E402
+from toolkit.stages.clean.embeddings import DEFAULT_SIZE, embed  # noqa: E402
 from toolkit.stages.clean.neighbours import knn_disagreement, knn_graph, knn_label_probs  # noqa: E402
 from toolkit.stages.clean.rank import (  # noqa: E402
     cleaned_out_of_fold_probs,
@@ -171,7 +172,7 @@ def fastai_losses(files, noisy_names, classes, size: int, seed: int) -> np.ndarr
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="embedding size (default: clean_size's default)")
     parser.add_argument("--data", default=str(DATA), help="class folders to flip (default: clothing-small train)")
     parser.add_argument("--cache", default="", help="embeddings cache folder to keep (default: a new temporary one)")
     parser.add_argument("--seeds", default="1,2", help="held out: the study chose on seed 0")

@@ -110,6 +110,45 @@ def test_blank_and_text_images_are_outliers(ranked):
     assert len(flagged) <= 10
 
 
+# different garments shot on the same floor by the same contributor: perceptual hashes 4-6 bits apart
+LOOK_ALIKES = [("pants/a88db2dc-9282-4e0f-a412-9a126b4c1b02.jpg", "pants/d12a6fde-d34a-4521-9752-b7a077510e41.jpg"),
+               ("pants/8571627a-1599-4c45-a7c8-aac55576e4b8.jpg", "pants/8db4d594-4688-4447-a5b9-cd5c68b1870e.jpg"),
+               ("t-shirt/c614a09e-9683-4d53-8387-de6db3d5e306.jpg", "t-shirt/fd3361c0-a56f-46db-9012-6ee55840447b.jpg"),
+               ("longsleeve/0142c777-baf8-4500-add9-6641b95b90ec.jpg",
+                "longsleeve/5d11e46b-e897-4d03-bc7d-455e49800edf.jpg")]
+
+
+def test_look_alike_photos_are_not_near_copies_but_resized_ones_are(tmp_path, clothing_small):
+    """Real look-alikes (same floor, same framing, another garment) stay apart; a half-size re-encoded copy, a
+    quality-40 copy and a brightened copy of a photo are grouped with it."""
+    import numpy as np
+    from PIL import ImageEnhance
+
+    from toolkit.stages.clean.embeddings import embed
+    from toolkit.stages.clean.rank import duplicate_groups
+
+    train = clothing_small / "train"
+    look_alikes = [(train / a, train / b) for a, b in LOOK_ALIKES]
+    others = sorted(set(train.glob("*/*.jpg")) - {f for pair in look_alikes for f in pair})
+    random.Random(1).shuffle(others)
+    files = [f for pair in look_alikes for f in pair] + others[:80]
+    original = Image.open(others[0]).convert("RGB")
+    original.resize((original.width // 2, original.height // 2)).save(tmp_path / "half.jpg", quality=70)
+    original.save(tmp_path / "q40.jpg", quality=40)
+    ImageEnhance.Brightness(original).enhance(1.2).save(tmp_path / "bright.jpg", quality=90)
+    files += [tmp_path / "half.jpg", tmp_path / "q40.jpg", tmp_path / "bright.jpg"]
+    rel = [str(f) for f in files]
+    out = embed(files, size=160, cache_dir=tmp_path / "cache")
+    groups = duplicate_groups(rel, [f.parent.name for f in files], ["train"] * len(files),
+                              [sha256_file(f) for f in files], out.phash, np.asarray(out.embeddings))
+    grouped = [set(g["files"]) for g in groups]
+    for a, b in look_alikes:
+        assert not any({str(a), str(b)} <= g for g in grouped), f"look-alikes grouped: {a.name}, {b.name}"
+    copies = {str(others[0]), *(str(tmp_path / n) for n in ("half.jpg", "q40.jpg", "bright.jpg"))}
+    assert copies in grouped, grouped
+    assert len(groups) == 1, f"false near-copy groups: {grouped}"
+
+
 def test_duplicates_across_train_and_valid_are_leaks():
     import numpy as np
 
@@ -128,7 +167,7 @@ def test_embeddings_come_from_the_cache(project, spec, ranked, monkeypatch):
 
     raw, rankings, _ = ranked
     monkeypatch.setattr(embeddings, "_model", lambda arch: pytest.fail("the cache was not used"))
-    emb, phash, sha = embeddings.compute_embeddings(raw.files[:10], arch=spec.arch, size=128,
+    emb, phash, sha = embeddings.compute_embeddings(raw.files[:10], arch=spec.arch, size=spec.clean_size,
                                                     cache_dir=spec.cleaned_dir / ".cache")
     assert emb.shape == (10, 1280) and all(phash) and len(sha) == 10
 
@@ -141,7 +180,7 @@ def test_embedding_rows_hold_the_final_and_inner_stage_features(project, spec, r
     import toolkit.stages.clean.embeddings as embeddings
 
     raw, rankings, _ = ranked
-    out = embeddings.embed(raw.files, arch=spec.arch, size=128, cache_dir=spec.cleaned_dir / ".cache")
+    out = embeddings.embed(raw.files, arch=spec.arch, size=spec.clean_size, cache_dir=spec.cleaned_dir / ".cache")
     assert out.features.shape == (len(raw.files), 1280 + 112 + 192)
     assert np.shares_memory(out.embeddings, out.features)
     for part in (out.features[:, :1280], out.features[:, 1280:1392], out.features[:, 1392:]):

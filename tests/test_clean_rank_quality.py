@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import copy_subset
 from PIL import Image, ImageFilter
 
@@ -11,7 +12,8 @@ from toolkit.stages.clean.embeddings import image_stats
 from toolkit.stages.clean.quality import quality_table
 
 
-def test_planted_defects_are_flagged_and_real_photos_are_not(tmp_path, clothing_small):
+@pytest.mark.parametrize("size", [160, 128, 192])  # the default clean_size, where the thresholds were measured, larger
+def test_planted_defects_are_flagged_and_real_photos_are_not(tmp_path, clothing_small, size):
     raw = copy_subset(clothing_small / "train", tmp_path / "raw", ["hat", "shoes", "t-shirt", "pants"], 15, seed=3)
     photos = sorted(raw.rglob("*.jpg"))
     base = Image.open(photos[0]).convert("RGB")
@@ -30,7 +32,7 @@ def test_planted_defects_are_flagged_and_real_photos_are_not(tmp_path, clothing_
     for f in files:
         with Image.open(f) as img:
             width, height = img.size
-        stats.append(image_stats(load_squished(f, 128), width, height))
+        stats.append(image_stats(load_squished(f, size), width, height))  # as the embedding pass computes them
     rel = [f.relative_to(raw).as_posix() for f in files]
     rows = quality_table(rel, [f.parent.name for f in files], ["train"] * len(files), np.stack(stats))
     by_file = {r["file"]: r for r in rows}

@@ -37,7 +37,7 @@ def cmd_scrape(args: argparse.Namespace) -> int:
              "decided last; it is printed)"), arg("--undo-all", action="store_true", help="undo all of one session's"),
          arg("--session", help="with --undo/--undo-all: the session whose decisions to undo"),
          arg("--size", type=int, default=None, help="with --report: embedding image size (default: the section's "
-             "clean_size, 128; set clean_size in settings.ini to give the app the same size)"),
+             "clean_size, 160; set clean_size in settings.ini to give the app the same size)"),
          arg("--no-model", action="store_true", help="skip top losses even if models/NAME exists"),
          arg("--processes", type=int, default=1, help="with --report: embed new images in N processes (default 1)"),
          *BIND)

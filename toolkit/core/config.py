@@ -330,8 +330,9 @@ GENERIC_KEYS: dict[str, Key] = {
                  "regex on the file name whose first group names the group (per-group results)"),
     "seed": Key(int, "42", "random seed for splits, sampling and training", trains=True, splits=True),
     "preheat": Key(parse_bool, "no", "`toolkit serve` keeps a pre-heated Voila kernel for this dashboard"),
-    "clean_size": Key(parse_embedding_size, "128", "image size in pixels of the cleaning embeddings (`toolkit clean` "
-                      "and its app share them; 192 ranks flipped labels better at about twice the cold time)"),
+    "clean_size": Key(parse_embedding_size, "160", "image size in pixels of the cleaning embeddings (`toolkit clean` "
+                      "and its app share them; 128 is about a quarter quicker cold and ranks flipped labels a little "
+                      "worse, 192 a little better at nearly twice the cold time)"),
 }
 # keys a sweep may vary; ensemble members may vary them too, except those that change the split
 TRAINING_KEYS = tuple(k for k, key in GENERIC_KEYS.items() if key.trains)
