@@ -90,6 +90,8 @@ class Site:
             return 200, jpeg, self.photos[7], 0
         if path == "/near-copy.jpg":
             return 200, jpeg, self.near, 0
+        if path in ("/look-alike-a.jpg", "/look-alike-b.jpg"):
+            return 200, jpeg, self.photos[40 if path.endswith("a.jpg") else 41], 0
         if "evil" in path:
             return 200, jpeg, self.photos[8], 0
         return 404, {}, b"", 0
@@ -99,7 +101,12 @@ class Site:
 def photos(clothing_small) -> list[bytes]:
     files = sorted((clothing_small / "train" / "t-shirt").iterdir())[:10]
     files += sorted((clothing_small / "train" / "pants").iterdir())[:30]
+    files += [clothing_small / "train" / "dress" / name for name in LOOK_ALIKES]
     return [f.read_bytes() for f in files]
+
+
+# two different dresses shot on one floor: perceptual hashes 4 bits apart (photos[40] and photos[41])
+LOOK_ALIKES = ["6e143162-9472-43c3-8db1-04eeea838ae8.jpg", "6eaff8d0-517f-4fad-ad54-4249b8c53ff9.jpg"]
 
 
 @pytest.fixture()
@@ -176,7 +183,7 @@ FAULTS = {
     "/near-copy.jpg": "duplicate-of:",
 }
 GOOD = ["/photo/0.jpg", "/flaky/1.jpg", "/redirect.jpg", "/wrong-type.bin", "/copy-a.jpg",
-        "/img/..%2F..%2Fevil.jpg"]
+        "/img/..%2F..%2Fevil.jpg", "/look-alike-a.jpg", "/look-alike-b.jpg"]  # look-alikes: not copies
 
 
 def test_faults_of_the_web(site, tmp_path):
@@ -184,7 +191,8 @@ def test_faults_of_the_web(site, tmp_path):
     urls = [site.base + p for p in ["/photo/0.jpg", "/missing.jpg", "/flaky/1.jpg", "/slow.jpg", "/page.jpg",
                                     "/truncated.jpg", "/bomb.png", "/loop-a", "/redirect.jpg", "/huge.jpg",
                                     "/wrong-type.bin", "/copy-a.jpg", "/copy-b.jpg", "/near-copy.jpg",
-                                    "/img/..%2F..%2Fevil.jpg"]] + ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg"]
+                                    "/img/..%2F..%2Fevil.jpg", "/look-alike-a.jpg", "/look-alike-b.jpg"]]
+    urls += ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg"]
     search = FakeSearch(urls)
     report = scrape(spec, search=search, per_class=20, timeout=1.5, max_bytes=2 * 1024 * 1024, **NO_SLEEP)
     records = load_manifest(spec.scrape_dir)
