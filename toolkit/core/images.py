@@ -165,8 +165,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# bits within which the perceptual hashes of an image and its resized or re-encoded copy stay; at 4, distinct
+# garments shot on one floor matched (BENCHMARKS.md "clean: ... near copies"): the scraper and the cleaner share it
+COPY_HASH_BITS = 2
+
+
 def perceptual_hash(img: Image.Image) -> str:
-    """A 64-bit perceptual hash (hex) that survives resizing and re-encoding."""
+    """A 64-bit perceptual hash (hex) that survives resizing and re-encoding (within COPY_HASH_BITS)."""
     import imagehash
 
     return str(imagehash.phash(img))

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.core.config import ClassifierSpec
-from toolkit.core.images import verify_images
+from toolkit.core.images import COPY_HASH_BITS, verify_images
 from toolkit.data import find_data_dir, labelled_split
 from toolkit.stages.clean.confusion import confusion_pairs
 from toolkit.stages.clean.embeddings import embed
@@ -391,16 +391,16 @@ class _UnionFind:
 
 
 def duplicate_groups(rel: Sequence[str], labels: Sequence[str], splits: Sequence[str], sha: Sequence[str],
-                     phash: Sequence[str], emb: np.ndarray, *, same_hash_bits: int = 2, max_hamming: int = 6,
-                     close_percentile: float = 99.0, min_cosine: float = 0.97,
+                     phash: Sequence[str], emb: np.ndarray, *, same_hash_bits: int = COPY_HASH_BITS,
+                     max_hamming: int = 6, close_percentile: float = 99.0, min_cosine: float = 0.97,
                      neighbours: Neighbours | None = None) -> list[dict[str, Any]]:
     """Groups of exact (same sha256) or near copies; each says whether it crosses classes or train/valid.
 
     Near: embedding cosine >= `min_cosine`, or perceptual hashes within `same_hash_bits` bits, or within
     `max_hamming` bits for a pair whose cosine is above `close_percentile` of the set's nearest-neighbour
     cosines (unusually close for this data). A hash within 6 bits alone grouped different garments shot on
-    the same floor (13-16 false pairs in clothing-small, 281 in 3,000 Fashion-MNIST images, against 1 and 10
-    now), while resized, re-encoded and brightened copies keep hashes within 2 bits (BENCHMARKS.md).
+    the same floor (12 false groups in clothing-small, 82 in 3,000 Fashion-MNIST images; now none and 10), while
+    resized and re-encoded copies keep hashes within 2 bits (BENCHMARKS.md).
 
     Near copies are looked for among each image's k nearest embedding neighbours (`neighbours`, the
     kNN graph; computed here when not given): O(n k) pairs, never all pairs."""

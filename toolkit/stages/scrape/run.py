@@ -32,7 +32,7 @@ from typing import Any
 from PIL import Image
 
 from toolkit.core.errors import ImageError, ToolkitError
-from toolkit.core.images import open_image, perceptual_hash
+from toolkit.core.images import COPY_HASH_BITS, open_image, perceptual_hash
 from toolkit.stages.scrape.dedupe import Index, normalise_url, record_key
 from toolkit.stages.scrape.http import Downloads, Fetched, fetch, read_local
 from toolkit.stages.scrape.manifest import (
@@ -278,7 +278,8 @@ def scrape(spec: Any, *, source: str | None = None, classes: list[str] | None = 
            search: Callable[..., list[dict[str, Any]]] | None = None, backend_name: str | None = None,
            workers: int = 32, timeout: float = 10.0, max_bytes: int = 10 * 1024 * 1024, max_redirects: int = 5,
            fetch_retries: int = 2, search_retries: int = 4, backoff_base: float = 2.0, backoff_cap: float = 60.0,
-           max_pixels: int = 40_000_000, phash_distance: int = 2, sleep: Callable[[float], None] | None = None,
+           max_pixels: int = 40_000_000, phash_distance: int = COPY_HASH_BITS,
+           sleep: Callable[[float], None] | None = None,
            allow_private_urls: bool | None = None, trusted_hosts: Collection[str] = (),
            settings_path: Path | None = None, progress: bool = False,
            log: Callable[[str], None] = lambda line: None) -> ScrapeReport:
@@ -287,9 +288,8 @@ def scrape(spec: Any, *, source: str | None = None, classes: list[str] | None = 
     `search` injects a search backend (see sources.SearchBackend); otherwise `source` (or the spec's)
     picks one. `allow_private_urls` (default: the section's key) lets loopback and private addresses
     be fetched. `settings_path` tells whether per_class is written in settings.ini (see per_class_written).
-    `phash_distance`: a download whose perceptual hash is this many bits from an accepted one is its copy (2: resized
-    and re-encoded copies stay within 2 bits; within 4, distinct product photos on one background matched, and a
-    rejected photo is lost to the data set while a copy let through still shows in the cleaner's duplicates).
+    `phash_distance`: a download whose perceptual hash is this many bits from an accepted one is its copy (kept tight:
+    a rejected photo is lost to the data set, while a copy let through still shows in the cleaner's duplicates).
     """
     sleep = sleep or time.sleep
     if per_class is not None and per_class <= 0:
